@@ -1,0 +1,168 @@
+"""Build a QLoRA model on the meta device, shard it with FSDP2, then stream its weights in.
+
+No rank ever materializes the full bf16 model. Each safetensors file is memory-mapped in turn,
+and for every tensor a rank reads only the rows of dim 0 it will own under FSDP2 (a
+safetensors slice), quantizes them when the layer is NF4, and installs them as its local shard.
+Peak host memory is therefore about the rank's own part plus one tensor slice in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from fsdp_qlora.config import TrainConfig
+from fsdp_qlora.distributed.env import DistEnv
+from fsdp_qlora.distributed.sharding import decoder_layers, shard_model
+from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, quantize_nf4
+from fsdp_qlora.model.quantized_linear import NF4Linear
+from fsdp_qlora.model.sources import safetensors_files
+from fsdp_qlora.peft.lora import LoRALinear, apply_lora, init_lora_parameters
+
+COMPUTE_DTYPE = torch.bfloat16
+
+
+def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> nn.Module:
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, torch_dtype=COMPUTE_DTYPE, trust_remote_code=cfg.trust_remote_code
+        )
+    quantize_decoder_linears(model, shard_count=mesh.size())
+    apply_lora(model, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    _materialize_adapters(model, env.device, cfg.seed)
+    shard_model(model, mesh)
+    load_base_weights(model, model_dir, env.device)
+    return model
+
+
+def quantize_decoder_linears(model: nn.Module, shard_count: int) -> list[str]:
+    """Swap every bias-free nn.Linear of the decoder layers for an NF4Linear (on meta).
+
+    All block linears are quantized (as in QLoRA), whether or not they get an adapter;
+    embeddings, norms and lm_head stay in the compute dtype.
+    """
+    layers = decoder_layers(model)
+    replaced = []
+    for layer_name, layer in layers.named_children():
+        for name, module in list(layer.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            full_name = f"layers.{layer_name}.{name}"
+            _check_quantizable(full_name, module, shard_count)
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            nf4 = NF4Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                            device="meta", bias_dtype=COMPUTE_DTYPE)
+            setattr(parent, child, nf4)
+            replaced.append(full_name)
+    return replaced
+
+
+def _check_quantizable(name: str, linear: nn.Linear, shard_count: int) -> None:
+    rows, cols = linear.out_features, linear.in_features
+    if rows % shard_count or (rows // shard_count) * cols % NF4_BLOCKSIZE or cols % 2:
+        raise ValueError(
+            f"{name} ({rows}x{cols}) cannot be split into {shard_count} NF4 shards: each shard "
+            f"must hold whole rows and a multiple of {NF4_BLOCKSIZE} weights; use a world size that divides {rows}"
+        )
+
+
+def _materialize_adapters(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Adapters are tiny: build them in full on every rank from the same seed; FSDP2 then
+    keeps each rank's chunk. Every rank thus starts from identical adapter weights."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_A.to_empty(device=device)
+            module.lora_B.to_empty(device=device)
+    init_lora_parameters(model, seed)
+
+
+# ---- streaming load --------------------------------------------------------------------------
+def checkpoint_key_to_param(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """HF checkpoint key -> the (module, attribute) pairs holding it (several when tied)."""
+    lora_prefixes = {name + ".base." for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    mapping: dict[str, list[tuple[nn.Module, str]]] = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{attr}" if module_name else attr
+            if param.requires_grad:
+                continue  # adapters are ours, not the checkpoint's
+            for prefix in lora_prefixes:
+                if full.startswith(prefix):
+                    full = prefix[: -len("base.")] + full[len(prefix):]
+            mapping.setdefault(full, []).append((module, attr))
+    return mapping
+
+
+def local_row_range(rows: int, mesh) -> tuple[int, int]:
+    """The rows of dim 0 this rank owns under FSDP2's `torch.chunk` sharding."""
+    chunk = math.ceil(rows / mesh.size())
+    start = min(mesh.get_local_rank() * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device) -> None:
+    targets = checkpoint_key_to_param(model)
+    loaded: set[str] = set()
+    for file in safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as reader:
+            for key in reader.keys():
+                if key not in targets:
+                    continue  # e.g. rotary caches some checkpoints carry
+                for module, attr in targets[key]:
+                    _install_local_rows(module, attr, reader.get_slice(key), device)
+                loaded.add(key)
+    _tie_missing(model, targets, loaded)
+    missing = sorted(set(targets) - loaded)
+    if missing:
+        raise ValueError(f"{model_dir} lacks weights for {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}: the checkpoint does not match its config.json")
+    _rebuild_rotary_buffers(model, device)
+
+
+def _install_local_rows(module: nn.Module, attr: str, tensor_slice, device: torch.device) -> None:
+    param = getattr(module, attr)
+    assert isinstance(param, DTensor), "load_base_weights expects an FSDP2-sharded model"
+    mesh = param.device_mesh
+    full_rows = tensor_slice.get_shape()[0]
+    start, stop = local_row_range(full_rows, mesh)
+    rows = tensor_slice[start:stop].to(device)
+    if isinstance(module, NF4Linear) and attr == "weight":
+        local = quantize_nf4(rows.to(COMPUTE_DTYPE), COMPUTE_DTYPE)
+    else:
+        local = rows.to(param.dtype)
+    sharded = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride())
+    setattr(module, attr, nn.Parameter(sharded, requires_grad=False))
+
+
+def _tie_missing(model: nn.Module, targets, loaded: set[str]) -> None:
+    """Checkpoints of tied models omit lm_head.weight: point it at the embedding."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    embedding = model.get_input_embeddings()
+    for key, holders in targets.items():
+        if key not in loaded and key.endswith("lm_head.weight"):
+            for module, attr in holders:
+                setattr(module, attr, embedding.weight)
+            loaded.add(key)
+
+
+def _rebuild_rotary_buffers(model: nn.Module, device: torch.device) -> None:
+    """Rotary inverse frequencies are computed, not stored: recompute them on the device."""
+    for name, module in list(model.named_modules()):
+        if any(buf.is_meta for buf in module.buffers(recurse=False)):
+            parent_name, _, child = name.rpartition(".")
+            with torch.device(device):
+                rebuilt = type(module)(config=model.config)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+                 or (isinstance(t, DTensor) and t.to_local().is_meta)]
+    if leftovers:
+        raise ValueError(f"weights never loaded: {', '.join(leftovers[:5])}")

@@ -1,0 +1,57 @@
+"""A frozen linear layer whose weight is an `NF4Tensor`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsdp_qlora.model.nf4 import NF4Tensor
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x @ dequant(W)^T. The weight is frozen, so backward only needs dL/dx.
+
+    The bf16 weight is dequantized again in backward instead of being saved: saving it
+    would keep a full-precision copy of every layer alive until backward, which is
+    exactly the memory NF4 is meant to save. (bitsandbytes' MatMul4Bit does the same.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight: NF4Tensor = ctx.weight
+        return grad_output @ weight.dequantize(grad_output.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """Drop-in for `nn.Linear` with a frozen NF4 weight (and a frozen bias in the compute dtype).
+
+    ``weight`` is a uint8 parameter of shape ``(out_features, in_features // 2)``: a plain
+    placeholder while the model is on the meta device, an `NF4Tensor` (or a DTensor of one,
+    under FSDP2) once loaded.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        placeholder = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.weight = nn.Parameter(placeholder, requires_grad=False)
+        bias_param = torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
+        self.bias = nn.Parameter(bias_param, requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if not isinstance(weight, NF4Tensor):
+            raise RuntimeError("NF4Linear used before its weight was loaded")
+        out = _NF4Matmul.apply(x, weight)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4"

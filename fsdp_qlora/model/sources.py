@@ -1,0 +1,117 @@
+"""Where a model comes from: an alias, a hub id, or a local directory of safetensors.
+
+Everything here reads only small JSON files, so bad input fails before any weight loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fsdp_qlora.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    hub_id: str  # "" for models the project generates itself
+    recommended: dict[str, Any] = field(default_factory=dict)
+
+
+_BIG_MODEL = {"context_length": 2048, "batch_size": 2, "lr": 1e-4, "warmup_steps": 20}
+_MID_MODEL = {"context_length": 2048, "batch_size": 4, "lr": 2e-4, "warmup_steps": 20}
+
+ALIASES: dict[str, ModelAlias] = {
+    # Random-init model with the project's own tokenizer: trains in seconds on CPU.
+    "tiny-llama": ModelAlias("", {"context_length": 256, "batch_size": 4, "lr": 1e-3, "warmup_steps": 3,
+                                  "lora_dropout": 0.0}),
+    "llama-70b": ModelAlias("meta-llama/Llama-2-70b-hf", _BIG_MODEL),
+    "llama-2-7b": ModelAlias("meta-llama/Llama-2-7b-hf", _MID_MODEL),
+    "llama-3-8b": ModelAlias("meta-llama/Meta-Llama-3-8B", _MID_MODEL),
+    "llama-3-70b": ModelAlias("meta-llama/Meta-Llama-3-70B", _BIG_MODEL),
+    "llama-3.1-8b": ModelAlias("meta-llama/Llama-3.1-8B", _MID_MODEL),
+    "llama-3.1-70b": ModelAlias("meta-llama/Llama-3.1-70B", _BIG_MODEL),
+    "mistral-7b": ModelAlias("mistralai/Mistral-7B-v0.1", _MID_MODEL),
+    "qwen-2.5-7b": ModelAlias("Qwen/Qwen2.5-7B", _MID_MODEL),
+    "qwen-2.5-72b": ModelAlias("Qwen/Qwen2.5-72B", _BIG_MODEL),
+}
+
+
+def recommended_settings(model: str) -> dict[str, Any]:
+    alias = ALIASES.get(model)
+    return dict(alias.recommended) if alias else {}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FSDP_QLORA_CACHE") or Path.home() / ".cache" / "fsdp_qlora")
+
+
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else, or anything that exists, is a path."""
+    return name.startswith(("/", ".", "~")) or Path(name).exists() or not _HUB_ID.match(name)
+
+
+def validate_model_dir(path: Path) -> Path:
+    """Check a local model directory: config.json plus safetensors (a file or an index)."""
+    if not path.is_dir():
+        raise ConfigError(f"model directory {path} does not exist: pass an alias, a hub id or an existing directory to --model")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} has no config.json: point --model at a Hugging Face model directory")
+    if not safetensors_files(path):
+        unsafe = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        fix = (f"it holds {', '.join(unsafe)}; convert them to safetensors (pickled weights are not loaded)"
+               if unsafe else "download or save the weights as *.safetensors")
+        raise ConfigError(f"{path} has no *.safetensors weights: {fix}")
+    return path
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files in load order: those an index names, else every *.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (path / name).is_file()]
+        if missing:
+            raise ConfigError(f"{index} names missing files {', '.join(missing)}: re-download the model")
+        return [path / name for name in files]
+    return sorted(path.glob("*.safetensors"))
+
+
+def resolve_model(name: str, cache_dir: str = "") -> Path:
+    """Alias / hub id / directory -> a validated local directory (downloading if needed)."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if name == "tiny-llama":
+        from fsdp_qlora.model.tiny_llama import ensure_tiny_llama
+
+        return ensure_tiny_llama(cache)
+    alias = ALIASES.get(name)
+    if alias is None and _looks_like_path(name):
+        return validate_model_dir(Path(name).expanduser())
+    return validate_model_dir(_download(alias.hub_id if alias else name))
+
+
+def _download(hub_id: str) -> Path:
+    """Fetch config, tokenizer and safetensors only (never pickled weights) from the hub.
+
+    Uses the Hugging Face cache (HF_HOME / HF_HUB_CACHE), so with HF_HUB_OFFLINE=1 a
+    previously downloaded snapshot resolves without a network.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except LocalEntryNotFoundError:
+        raise ConfigError(f"model {hub_id!r} is not in the local Hugging Face cache and the hub cannot be reached: "
+                          "download it first or pass a local directory to --model") from None
+    except (HfHubHTTPError, ValueError) as err:
+        raise ConfigError(f"cannot fetch model {hub_id!r} from the hub ({type(err).__name__}): check the id, "
+                          "and `huggingface-cli login` for gated models") from None
+    return Path(local)

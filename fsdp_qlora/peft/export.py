@@ -1,0 +1,135 @@
+"""Save/load LoRA adapters in PEFT's on-disk format, so `PeftModel.from_pretrained` reads them.
+
+peft itself is only a test dependency: the config and key names are written here by hand and
+the tests check that PEFT reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+# Name components added by FSDP(1), activation checkpointing and torch.compile; none of them is
+# part of the Hugging Face module path that PEFT keys refer to.
+_WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+_LORA_WEIGHTS = frozenset({"lora_A", "lora_B"})
+# PeftModel wraps a LoraModel (`base_model`) wrapping the HF model (`model`).
+_PEFT_PREFIX = "base_model.model."
+
+
+def adapter_state_dict(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pick the LoRA A/B weights out of `named_tensors` and rename them to PEFT's keys.
+
+    ``_orig_mod.model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.lora_A.weight`` becomes
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (PEFT saves without the
+    adapter name). The `base.` inside our wrapper never appears: only A/B are kept.
+    """
+    result: dict[str, torch.Tensor] = {}
+    for name, tensor in named_tensors.items():
+        parts = [part for part in name.split(".") if part not in _WRAPPER_COMPONENTS]
+        if len(parts) < 3 or parts[-2] not in _LORA_WEIGHTS or parts[-1] != "weight":
+            continue
+        key = _PEFT_PREFIX + ".".join(parts)
+        if key in result:
+            raise ValueError(f"two tensors map to the PEFT key {key} (the second is {name})")
+        result[key] = tensor
+    if not result:
+        raise ValueError(f"no lora_A/lora_B weights among {len(named_tensors)} tensors; "
+                         f"first names: {list(named_tensors)[:5]}")
+    return result
+
+
+def peft_adapter_config(base_model_name_or_path: str, r: int, lora_alpha: float, lora_dropout: float,
+                        target_modules: list[str]) -> dict:
+    """The `adapter_config.json` content PEFT writes for plain LoRA on a causal LM.
+
+    Only fields PEFT has had since 0.10 are written, so older PEFT versions load it too; newer
+    fields take their defaults, which are all "off".
+    """
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "target_modules": sorted(set(target_modules)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layer_replication": None,
+        "auto_mapping": None,
+    }
+
+
+def save_peft_adapter(output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                      base_model_name_or_path: str, r: int, lora_alpha: float, lora_dropout: float,
+                      target_modules: list[str]) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` into `output_dir`.
+
+    `state_dict` is `adapter_state_dict`'s output. Both files are written to a sibling temp dir
+    which then replaces `output_dir` as a whole, so a crash mid-save leaves the previous adapter
+    intact (never a new config next to old or half-written weights).
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = peft_adapter_config(base_model_name_or_path, r, lora_alpha, lora_dropout, target_modules)
+    # safetensors needs contiguous CPU tensors; fp32 is what PEFT would load into fp32 adapters.
+    tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in state_dict.items()}
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; the final dir should be a normal one
+        save_file(tensors, staging / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def load_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a PEFT adapter directory: (adapter_config.json as a dict, PEFT-keyed CPU tensors)."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
+    missing = [name for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if not (adapter_dir / name).is_file()]
+    if missing:
+        present = sorted(path.name for path in adapter_dir.iterdir())
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter: missing {missing} (found {present})")
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    return config, load_file(adapter_dir / ADAPTER_WEIGHTS_NAME)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing `target` is set aside first and deleted only after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)
+        raise
+    shutil.rmtree(old)

@@ -1,0 +1,131 @@
+"""torchrun worker for tests/test_nf4.py: FSDP2-sharded NF4 weights loaded from safetensors.
+
+argv: <safetensors file> <result dir>. Checks, on every rank:
+  * loader shards dequantize exactly as bitsandbytes' quantize_4bit/dequantize_4bit of each
+    rank's rows (the quantization unit; see fsdp_qlora/model/nf4.py);
+  * the all-gathered weight is those slices, byte for byte;
+  * the sharded forward and backward equal an unsharded bitsandbytes reference bit for bit;
+  * an all-gather of crafted bytes (every byte value, bf16-NaN patterns, NaN float32
+    constants) returns exactly the bytes each rank contributed.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import bitsandbytes.functional as bnbf
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from fsdp_qlora.distributed.env import init_distributed, shutdown
+from fsdp_qlora.distributed.sharding import build_mesh
+from fsdp_qlora.model.loader import load_base_weights, local_row_range
+from fsdp_qlora.model.nf4 import NF4Tensor
+from fsdp_qlora.model.quantized_linear import NF4Linear
+from torch.distributed.fsdp import fully_shard
+
+
+class Chain(nn.Module):
+    """Linears applied in sequence, named like checkpoint keys (`layers.i.weight`)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.layers = nn.ModuleList(NF4Linear(cols, rows, device="meta") for rows, cols in shapes)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def bnb_reference(full: torch.Tensor, world: int) -> torch.Tensor:
+    """bitsandbytes' own quantize/dequantize of each rank's rows, concatenated."""
+    rows = full.shape[0] // world
+    parts = []
+    for r in range(world):
+        q, state = bnbf.quantize_4bit(full[r * rows:(r + 1) * rows].contiguous(), blocksize=64,
+                                      compress_statistics=True, quant_type="nf4")
+        parts.append(bnbf.dequantize_4bit(q, state))
+    return torch.cat(parts)
+
+
+def check_loaded_weights(file: Path, env, mesh) -> None:
+    weights = load_file(str(file))
+    shapes = [tuple(weights[f"layers.{i}.weight"].shape) for i in range(len(weights))]
+    model = Chain(shapes)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    load_base_weights(model, file.parent, env.device)
+    x = torch.randn(5, shapes[0][1], generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    expected_x = x.clone()
+    references = []
+    for i, layer in enumerate(model.layers):
+        full = weights[f"layers.{i}.weight"]
+        ref = bnb_reference(full, env.world_size)
+        references.append(ref)
+        start, stop = local_row_range(full.shape[0], mesh)
+        shard = layer.weight.to_local()
+        assert isinstance(shard, NF4Tensor) and shard.num_slices == 1
+        assert torch.equal(shard.dequantize(), ref[start:stop]), f"shard {i} differs from bitsandbytes"
+        expected_x = expected_x @ ref.t()
+    x.requires_grad_(True)
+    out = model(x)
+    assert torch.equal(out, expected_x), "sharded forward differs from the unsharded reference"
+    out.float().square().sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    y = ref_x
+    for ref in references:
+        y = y @ ref.t()
+    y.float().square().sum().backward()
+    assert torch.equal(x.grad, ref_x.grad), "sharded backward differs from the unsharded reference"
+    for i, layer in enumerate(model.layers):
+        layer.unshard()
+        gathered = layer.weight
+        assert isinstance(gathered, NF4Tensor) and gathered.num_slices == env.world_size
+        assert torch.equal(gathered.dequantize(), references[i])
+        layer.reshard()
+
+
+def crafted_shard(rank: int) -> NF4Tensor:
+    """Packed bytes holding every value 0..255 (so every bf16 NaN/inf bit pattern as pairs),
+    and float32 constants that are NaN payloads, -0.0 and inf."""
+    packed = torch.arange(256, dtype=torch.int32).roll(rank * 17).to(torch.uint8).repeat(8).view(32, 64)
+    absmax_q = torch.arange(64, dtype=torch.int32).add(200 + rank).remainder(256).to(torch.uint8)
+    nested_bits = torch.tensor([0x7FC00001 + rank, -1, -2147483648, 0x7F800000], dtype=torch.int32)
+    return NF4Tensor(packed, absmax_q, nested_bits.view(torch.float32)[:1].clone(),
+                     nested_bits.view(torch.float32)[1 + rank:2 + rank].clone(), torch.bfloat16)
+
+
+def check_crafted_all_gather(env, mesh) -> None:
+    holder = NF4Linear(128, 32 * env.world_size, device="meta")
+    fully_shard(holder, mesh=mesh)
+    local = crafted_shard(env.rank)
+    holder.weight = nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                                    shape=holder.weight.shape, stride=holder.weight.stride()),
+                                 requires_grad=False)
+    holder.unshard()
+    gathered = holder.weight
+    expected = [crafted_shard(r) for r in range(env.world_size)]
+    for name in ("packed", "absmax_q", "nested_absmax", "offset"):
+        want = torch.cat([getattr(t, name).reshape(-1) for t in expected]).view(torch.uint8)
+        got = getattr(gathered, name).reshape(-1).view(torch.uint8)
+        assert torch.equal(got, want), f"all-gather changed bytes of {name}"
+    holder.reshard()
+
+
+def main() -> None:
+    file, result_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    env = init_distributed()
+    mesh = build_mesh(env)
+    check_loaded_weights(file, env, mesh)
+    check_crafted_all_gather(env, mesh)
+    dist.barrier()
+    (result_dir / f"ok-rank{env.rank}").write_text("ok")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Fine-tune a model with QLoRA on FSDP2.
+
+    torchrun --nproc_per_node 2 train.py [flags]      # one process per GPU (or CPU rank)
+    python train.py [flags]                           # a single process, same flags
+
+`python train.py --help` lists every flag; docs/configuration.md explains them.
+"""
+
+import os
+import sys
+
+from fsdp_qlora.config import ConfigError, parse_config
+
+
+def main() -> int:
+    try:
+        cfg = parse_config(prog="train.py")
+        from fsdp_qlora.train.loop import train  # heavy imports only once the flags are valid
+
+        run_dir = train(cfg)
+    except ConfigError as err:
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
+            print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: adapter in {run_dir / 'adapter'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
