@@ -22,7 +22,8 @@ from fsdp_qlora.model.nf4 import quantize_nf4
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.peft import export
 from fsdp_qlora.peft.export import adapter_state_dict, load_peft_adapter, save_peft_adapter
-from fsdp_qlora.peft.lora import DEFAULT_TARGET_MODULES, LoRALinear, apply_lora, init_lora_parameters
+from fsdp_qlora.config import DEFAULT_TARGET_MODULES
+from fsdp_qlora.peft.lora import LoRALinear, apply_lora, init_lora_parameters
 from tests.conftest import run_python
 
 EXACT = {"atol": 0.0, "rtol": 0.0}

@@ -10,6 +10,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from fsdp_qlora.config import ConfigError
 from fsdp_qlora.data.make_sample_data import SAMPLE_DATASET_PATH
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: no loss on these positions
@@ -33,14 +34,14 @@ def load_instruction_dataset(dataset: str) -> datasets.Dataset:
     elif dataset.endswith((".json", ".jsonl")):
         path = Path(dataset).expanduser()
         if not path.is_file():
-            raise ValueError(f"dataset file {path} does not exist: pass an existing .json/.jsonl file, "
+            raise ConfigError(f"dataset file {path} does not exist: pass an existing .json/.jsonl file, "
                              "'sample' for the bundled data, or a hub dataset id to --dataset")
         loaded = _load_json(path)
     else:
         loaded = datasets.load_dataset(dataset, split="train")
     missing = [column for column in REQUIRED_COLUMNS if column not in loaded.column_names]
     if missing:
-        raise ValueError(f"dataset {dataset!r} lacks column(s) {', '.join(missing)}; it has "
+        raise ConfigError(f"dataset {dataset!r} lacks column(s) {', '.join(missing)}; it has "
                          f"{', '.join(loaded.column_names)}: provide instruction/output (and optional input) "
                          "columns, e.g. rename them with datasets' rename_column")
     return loaded

@@ -15,9 +15,6 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 class LoRALinear(nn.Module):
     """A frozen linear-like `base` (``forward(x) = x @ W^T [+ b]``, with `in_features` and
     `out_features` attributes) plus a trainable low-rank update."""

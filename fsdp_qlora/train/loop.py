@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from fsdp_qlora.config import ConfigError, TrainConfig
-from fsdp_qlora.data.sft import build_dataloader, load_instruction_dataset
+from fsdp_qlora.data.sft import IGNORE_INDEX, build_dataloader, load_instruction_dataset
 from fsdp_qlora.distributed.env import DistEnv, broadcast_object, init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
 from fsdp_qlora.metrics.logger import MetricsLogger
@@ -21,8 +21,6 @@ from fsdp_qlora.model.loader import build_qlora_model
 from fsdp_qlora.model.sources import resolve_model
 from fsdp_qlora.peft.export import adapter_state_dict, save_peft_adapter
 from fsdp_qlora.train.optim import build_optimizer, build_scheduler
-
-IGNORE_INDEX = -100
 
 
 def train(cfg: TrainConfig) -> Path:
