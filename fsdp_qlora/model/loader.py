@@ -23,7 +23,8 @@ from fsdp_qlora.distributed.sharding import decoder_layers, shard_model
 from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, quantize_nf4
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.sources import safetensors_files
-from fsdp_qlora.peft.lora import LoRALinear, apply_lora, init_lora_parameters
+from fsdp_qlora.peft.export import PEFT_KEY_PREFIX
+from fsdp_qlora.peft.lora import LoRALinear, apply_lora, copy_full_into, init_lora_parameters
 
 COMPUTE_DTYPE = torch.bfloat16
 
@@ -166,3 +167,20 @@ def _rebuild_rotary_buffers(model: nn.Module, device: torch.device) -> None:
                  or (isinstance(t, DTensor) and t.to_local().is_meta)]
     if leftovers:
         raise ValueError(f"weights never loaded: {', '.join(leftovers[:5])}")
+
+
+def install_adapter(model: nn.Module, peft_state: dict[str, torch.Tensor]) -> None:
+    """Copy a PEFT-keyed adapter (full tensors) into the model's (sharded) adapter parameters."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    ours = {PEFT_KEY_PREFIX + name: p for name, p in trainable.items()}
+    missing, unexpected = sorted(set(ours) - set(peft_state)), sorted(set(peft_state) - set(ours))
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+                         "check --lora-target-modules and the base model")
+    with torch.no_grad():
+        for key, param in ours.items():
+            full = peft_state[key]
+            if tuple(full.shape) != tuple(param.shape):
+                raise ValueError(f"adapter tensor {key} has shape {tuple(full.shape)}, the model expects "
+                                 f"{tuple(param.shape)}: check --lora-rank and the base model")
+            copy_full_into(param, full.to(param.dtype))

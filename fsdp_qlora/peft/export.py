@@ -23,7 +23,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 _LORA_WEIGHTS = frozenset({"lora_A", "lora_B"})
 # PeftModel wraps a LoraModel (`base_model`) wrapping the HF model (`model`).
-_PEFT_PREFIX = "base_model.model."
+PEFT_KEY_PREFIX = "base_model.model."
 
 
 def adapter_state_dict(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def adapter_state_dict(named_tensors: dict[str, torch.Tensor]) -> dict[str, torc
         parts = [part for part in name.split(".") if part not in _WRAPPER_COMPONENTS]
         if len(parts) < 3 or parts[-2] not in _LORA_WEIGHTS or parts[-1] != "weight":
             continue
-        key = _PEFT_PREFIX + ".".join(parts)
+        key = PEFT_KEY_PREFIX + ".".join(parts)
         if key in result:
             raise ValueError(f"two tensors map to the PEFT key {key} (the second is {name})")
         result[key] = tensor

@@ -57,7 +57,7 @@ class LoRALinear(nn.Module):
             else:
                 full = torch.empty(self.r, self.in_features, dtype=self.lora_A.weight.dtype)
                 nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
-                _copy_full_into(self.lora_A.weight, full)
+                copy_full_into(self.lora_A.weight, full)
             nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,7 @@ def _module_device(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy an unsharded CPU tensor into `param`, keeping only this rank's shard of a DTensor."""
     if isinstance(param, DTensor):
         # src_data_rank=None: every rank holds the same full tensor, so slice locally, no comms.
