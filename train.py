@@ -10,6 +10,7 @@ import os
 import sys
 
 from fsdp_qlora.config import ConfigError, parse_config
+from fsdp_qlora.train.signals import TrainingInterrupted
 
 
 def main() -> int:
@@ -22,6 +23,10 @@ def main() -> int:
         if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
             print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py: {stop}", file=sys.stderr)
+        return stop.exit_code
     if os.environ.get("RANK", "0") == "0":
         print(f"done: adapter in {run_dir / 'adapter'}")
     return 0

@@ -66,9 +66,17 @@ class TrainConfig:
     seed: int = _opt(42, "seed for adapter init, data order and dropout")
     # -- logging --
     log_every: int = _opt(1, "log metrics every N optimizer steps")
+    # -- checkpoints and failures --
+    save_every: int = _opt(50, "save a sharded checkpoint every N optimizer steps (and always at the end); 0 = end only")
+    keep_last: int = _opt(2, "complete checkpoints to keep; older ones are deleted")
+    resume: str = _opt("auto", "auto (newest valid checkpoint in the output dir, if any), none, or a checkpoint path")
+    async_save: bool = _opt(False, "write checkpoints in the background (DCP async_save) while training goes on")
+    max_bad_steps: int = _opt(5, "abort (saving the last good state) after this many non-finite losses in a row")
+    collective_timeout_s: float = _opt(600.0, "seconds before a hung collective (e.g. a dead rank) fails the job")
 
     def validate(self) -> "TrainConfig":
-        positive = ("lora_rank", "batch_size", "grad_accum_steps", "context_length", "num_epochs", "log_every")
+        positive = ("lora_rank", "batch_size", "grad_accum_steps", "context_length", "num_epochs", "log_every",
+                    "keep_last", "max_bad_steps", "collective_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -76,6 +84,8 @@ class TrainConfig:
             raise ConfigError(f"--max-steps must be positive or -1 (use epochs), got {self.max_steps}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.save_every < 0:
+            raise ConfigError(f"--save-every must be >= 0 (0 = save at the end only), got {self.save_every}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not self.lora_target_modules:

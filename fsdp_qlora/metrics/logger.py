@@ -15,12 +15,15 @@ class MetricsLogger:
     are the bare names plus ``step``.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
-        self._jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
-        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        jsonl = run_dir / "metrics.jsonl"
+        _drop_rows_after(jsonl, resume_step)
+        self._jsonl = jsonl.open("a", buffering=1)
+        # purge_step hides events a crashed run logged after its last checkpoint.
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -37,3 +40,13 @@ class MetricsLogger:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _drop_rows_after(jsonl: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: forget their first logging."""
+    if not jsonl.exists():
+        return
+    rows = [line for line in jsonl.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    if len(kept) != len(rows):
+        jsonl.write_text("".join(line + "\n" for line in kept))

@@ -174,8 +174,10 @@ def _view(tensor: NF4Tensor, size) -> Any:
         return tensor._with_inner(lambda t: t)
     if list(size) == [-1]:
         # FSDP2 keeps a flat view of every sharded parameter; for extension tensors it is
-        # never read, so the flat packed bytes are an honest answer.
-        return tensor.packed.view(-1)
+        # never read. It must stay an NF4Tensor: FSDP2 compares storages of plain tensors,
+        # and a wrapper subclass has none.
+        return NF4Tensor(tensor.packed.view(-1), tensor.absmax_q, tensor.nested_absmax, tensor.offset,
+                         tensor.compute_dtype)
     raise NotImplementedError(f"NF4Tensor cannot be viewed as {list(size)}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer
 
+from fsdp_qlora import faults
+from fsdp_qlora.checkpoint.manager import CheckpointManager, TrainerState, base_model_identity, resolve_resume
 from fsdp_qlora.config import ConfigError, TrainConfig
 from fsdp_qlora.data.sft import IGNORE_INDEX, build_dataloader, load_instruction_dataset
 from fsdp_qlora.distributed.env import DistEnv, broadcast_object, init_distributed, shutdown
@@ -21,19 +24,20 @@ from fsdp_qlora.model.loader import build_qlora_model
 from fsdp_qlora.model.sources import resolve_model
 from fsdp_qlora.peft.export import adapter_state_dict, save_peft_adapter
 from fsdp_qlora.train.optim import build_optimizer, build_scheduler
+from fsdp_qlora.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, PreemptionFlag, TrainingInterrupted
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run one training job; returns the run directory. Every rank calls this."""
     model_dir = resolve_model(cfg.model, cfg.model_cache_dir)  # validates before any weight loads
-    env = init_distributed()
+    env = init_distributed(timeout_s=cfg.collective_timeout_s)
     try:
         run_dir = _prepare_run_dir(cfg, env)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         dataset = load_instruction_dataset(cfg.dataset)
         mesh = build_mesh(env)
         model = build_qlora_model(model_dir, cfg, env, mesh)
-        _train_loop(model, tokenizer, dataset, cfg, env, run_dir)
+        _train_loop(model, tokenizer, dataset, cfg, env, run_dir, model_dir)
         _export_adapter(model, cfg, env, model_dir, run_dir / "adapter")
         return run_dir
     finally:
@@ -47,8 +51,10 @@ def _prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
         cfg.output_dir = str(Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg.output_dir = broadcast_object(cfg.output_dir)
     run_dir = Path(cfg.output_dir)
-    if (run_dir / "adapter").exists():
-        raise ConfigError(f"{run_dir} already holds a finished run (adapter/): choose another --output-dir")
+    resumable = cfg.resume != "none" and any((run_dir / "checkpoints").glob("step-*"))
+    if (run_dir / "adapter").exists() and not resumable:
+        raise ConfigError(f"{run_dir} already holds a finished run (adapter/) and no checkpoint to resume: "
+                          "choose another --output-dir")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_yaml(run_dir / "config.yaml")
@@ -56,24 +62,27 @@ def _prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
     return run_dir
 
 
-def _micro_batches(dataset, tokenizer, cfg: TrainConfig, env: DistEnv):
-    """Endless stream of this rank's micro-batches, reshuffled (seeded) every epoch."""
-    epoch = 0
+def _micro_batches(dataset, tokenizer, cfg: TrainConfig, env: DistEnv, skip: int = 0):
+    """Endless stream of this rank's micro-batches, reshuffled (seeded) every epoch,
+    starting after the first `skip` (the position a resumed run had reached)."""
+    per_epoch = _micro_batches_per_epoch(dataset, tokenizer, cfg, env)
+    epoch, offset = divmod(skip, per_epoch)
     while True:
         loader = build_dataloader(dataset, tokenizer, cfg.context_length, cfg.batch_size,
                                   env.rank, env.world_size, cfg.seed, epoch=epoch)
-        yield from loader
-        epoch += 1
+        for index, batch in enumerate(loader):
+            if index >= offset:
+                yield batch
+        epoch, offset = epoch + 1, 0
 
 
-def _steps_per_epoch(dataset, tokenizer, cfg: TrainConfig, env: DistEnv) -> int:
+def _micro_batches_per_epoch(dataset, tokenizer, cfg: TrainConfig, env: DistEnv) -> int:
     loader = build_dataloader(dataset, tokenizer, cfg.context_length, cfg.batch_size,
                               env.rank, env.world_size, cfg.seed, epoch=0)
-    steps = len(loader) // cfg.grad_accum_steps
-    if steps == 0:
+    if len(loader) < cfg.grad_accum_steps:
         raise ConfigError(f"the dataset gives {len(loader)} micro-batches per rank, fewer than "
                           f"--grad-accum-steps {cfg.grad_accum_steps}: lower --batch-size or --grad-accum-steps")
-    return steps
+    return len(loader)
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -91,44 +100,98 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> None:
+def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step: int) -> tuple[float, int]:
+    """Forward/backward over the micro-batches; returns (mean token loss, global input tokens)."""
+    # Normalize by the labelled tokens of the whole global batch, so the gradient is that
+    # of the mean token loss however the tokens fall across ranks and micro-steps.
+    # FSDP averages gradients over ranks, hence the world_size factor.
+    local_counts = torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro]).sum()
+    global_label_tokens = _all_reduce_sum(local_counts.float().cpu()).item()
+    loss_sum = torch.zeros((), device=env.device)
+    for i, batch in enumerate(micro):
+        model.set_requires_gradient_sync(i == len(micro) - 1)
+        loss = token_loss_sum(model, batch)
+        if faults.nan_loss_at(step):
+            loss = loss * float("nan")
+        (loss * env.world_size / global_label_tokens).backward()
+        loss_sum += loss.detach()
+    step_loss = _all_reduce_sum(loss_sum.cpu()).item() / global_label_tokens
+    input_tokens = _all_reduce_sum(torch.stack([b["attention_mask"].sum() for b in micro]).sum().cpu()).item()
+    return step_loss, int(input_tokens)
+
+
+def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_dir: Path, model_dir: Path) -> None:
     adapter_params = [p for p in model.parameters() if p.requires_grad]
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * _steps_per_epoch(dataset, tokenizer, cfg, env)
+    per_epoch = _micro_batches_per_epoch(dataset, tokenizer, cfg, env) // cfg.grad_accum_steps
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * per_epoch
     optimizer = build_optimizer(adapter_params, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    metrics = MetricsLogger(run_dir, enabled=env.is_main)
-    batches = _micro_batches(dataset, tokenizer, cfg, env)
+    checkpoints = CheckpointManager(run_dir, env.rank, cfg.keep_last, cfg.async_save)
+    state = TrainerState(base_model_id=base_model_identity(model_dir), world_size=env.world_size,
+                         config=cfg.to_dict())
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank, repeatably
+    state = _maybe_resume(cfg, env, checkpoints, model, optimizer, scheduler, state)
+    metrics = MetricsLogger(run_dir, enabled=env.is_main, resume_step=state.step)
+    batches = _micro_batches(dataset, tokenizer, cfg, env, skip=state.micro_batches_consumed)
+    preemption = PreemptionFlag()
+    bad_steps = 0
     model.train()
-    for step in range(1, total_steps + 1):
+    while state.step < total_steps:
         started = time.perf_counter()
         micro = [{k: v.to(env.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum_steps)]
-        # Normalize by the labelled tokens of the whole global batch, so the gradient is that
-        # of the mean token loss however the tokens fall across ranks and micro-steps.
-        # FSDP averages gradients over ranks, hence the world_size factor.
-        local_counts = torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro]).sum()
-        global_label_tokens = _all_reduce_sum(local_counts.float().cpu()).item()
-        loss_sum = torch.zeros((), device=env.device)
-        for i, batch in enumerate(micro):
-            model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss = token_loss_sum(model, batch)
-            (loss * env.world_size / global_label_tokens).backward()
-            loss_sum += loss.detach()
+        step_loss, input_tokens = _train_step(model, micro, env, state.step + 1)
         grad_norm = _clip_grad_norm(adapter_params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            if env.is_main:
+                print(f"warning: step {state.step + 1}: non-finite loss/grad norm ({step_loss}, {grad_norm}); "
+                      f"update skipped ({bad_steps}/{cfg.max_bad_steps} in a row)", flush=True)
         optimizer.zero_grad(set_to_none=True)
-        step_loss = _all_reduce_sum(loss_sum.cpu()).item() / global_label_tokens
-        input_tokens = _all_reduce_sum(torch.stack([b["attention_mask"].sum() for b in micro]).sum().cpu()).item()
+        if bad_steps >= cfg.max_bad_steps:
+            checkpoints.save(model, optimizer, state)  # the last good state: nothing was applied since
+            raise TrainingInterrupted(EXIT_DIVERGED, f"{bad_steps} non-finite steps in a row; last good state "
+                                      f"saved at step {state.step}: lower --lr or check the data")
+        scheduler.step()
+        state.step += 1
+        state.micro_batches_consumed += cfg.grad_accum_steps
+        state.tokens_seen += input_tokens
+        state.scheduler = scheduler.state_dict()
         elapsed = time.perf_counter() - started
-        if step % cfg.log_every == 0 or step == total_steps:
+        if finite and (state.step % cfg.log_every == 0 or state.step == total_steps):
             scalars = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens_per_sec": input_tokens / elapsed}
-            metrics.log(step, scalars)
+            metrics.log(state.step, scalars)
             if env.is_main:
-                print(f"step {step}/{total_steps} loss {step_loss:.4f} lr {scalars['lr']:.2e} "
+                print(f"step {state.step}/{total_steps} loss {step_loss:.4f} lr {scalars['lr']:.2e} "
                       f"grad_norm {grad_norm:.3f} tokens/s {scalars['tokens_per_sec']:.0f}", flush=True)
+        if preemption.agreed():
+            checkpoints.save(model, optimizer, state)
+            checkpoints.wait()
+            raise TrainingInterrupted(EXIT_PREEMPTED, f"stopped by a signal; checkpoint saved at step {state.step}: "
+                                      "rerun the same command to resume")
+        if state.step == total_steps or (cfg.save_every and state.step % cfg.save_every == 0):
+            checkpoints.save(model, optimizer, state)
+    checkpoints.wait()
     metrics.close()
+
+
+def _maybe_resume(cfg, env, checkpoints, model, optimizer, scheduler, state: TrainerState) -> TrainerState:
+    path = resolve_resume(cfg.resume, checkpoints)
+    if path is None:
+        return state
+    loaded = checkpoints.load(path, model, optimizer, state.base_model_id)
+    scheduler.load_state_dict(loaded.scheduler)
+    if loaded.world_size != env.world_size:
+        # Another world size reshuffles the data: continue after the same number of examples.
+        loaded.micro_batches_consumed = loaded.micro_batches_consumed * loaded.world_size // env.world_size
+        torch.manual_seed(cfg.seed + env.rank + loaded.step)
+    if env.is_main:
+        print(f"resumed from {path} at step {loaded.step}", flush=True)
+    return TrainerState(**{**loaded.__dict__, "world_size": env.world_size, "config": cfg.to_dict()})
 
 
 def _clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
