@@ -61,20 +61,28 @@ class TrainerState:
     scheduler: dict[str, Any] = field(default_factory=dict)
     optimizer_param_groups: list[dict[str, Any]] = field(default_factory=list)
     base_model_id: str = ""
+    base_model_path: str = ""
     world_size: int = 1
     config: dict[str, Any] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
 
 
 def base_model_identity(model_dir: Path) -> str:
-    """A hash of the base's config.json and its weight files' names and sizes.
+    """A hash of the base's config.json and, per weight file, its name, size and first and last
+    64 KiB (the safetensors header plus weight bytes at both ends).
 
-    Cheap (no weight bytes are read) yet it changes with any re-quantization-relevant swap:
-    another model, another revision, another shard layout.
+    Cheap (a 70B base is 140 GB; this reads ~128 KiB per shard) yet it tells apart another
+    model, another revision or another shard layout, even with identical shapes.
     """
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    sample = 64 * 1024
     for file in safetensors_files(model_dir):
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(sample))
+            handle.seek(max(0, size - sample))
+            digest.update(handle.read(sample))
     return digest.hexdigest()[:16]
 
 
@@ -223,6 +231,24 @@ def checkpoint_problem(path: Path) -> str | None:
         if file.stat().st_size != size:
             return f"{name} is truncated or altered ({file.stat().st_size} bytes, expected {size})"
     return None
+
+
+def load_adapter_tensors(path: Path) -> tuple[TrainerState, dict[str, torch.Tensor]]:
+    """The full adapter tensors of a checkpoint, in one process, without a model or a process
+    group: DCP reassembles every rank's shards into full tensors."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"{path} is not a usable checkpoint: {problem}")
+    state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+    metadata = FileSystemReader(str(path)).read_metadata()
+    tensors = {fqn: torch.empty(item.size, dtype=item.properties.dtype)
+               for fqn, item in metadata.state_dict_metadata.items()
+               if fqn.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
+    return state, {fqn.removeprefix("model."): tensor for fqn, tensor in tensors.items()}
 
 
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:

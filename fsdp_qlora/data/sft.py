@@ -80,8 +80,10 @@ def build_dataloader(dataset: datasets.Dataset, tokenizer, context_length: int, 
                                  drop_last=True)
     sampler.set_epoch(epoch)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # An own generator: a DataLoader iterator otherwise draws its base seed from the global
+    # torch RNG, which also drives dropout, and a resumed run would draw at another point.
     return DataLoader(tokenized, batch_size=batch_size, sampler=sampler,
-                      collate_fn=partial(pad_batch, pad_id=pad_id))
+                      collate_fn=partial(pad_batch, pad_id=pad_id), generator=torch.Generator().manual_seed(seed))
 
 
 def pad_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

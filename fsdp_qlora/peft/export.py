@@ -133,3 +133,12 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(old / target.name, target)
         raise
     shutil.rmtree(old)
+
+
+def export_trained_adapter(output_dir: str | os.PathLike, full_tensors: dict[str, torch.Tensor], cfg,
+                           base_model_path: str) -> Path:
+    """The run's adapter in PEFT format, from full (unsharded) adapter tensors named as in our
+    model, with the settings of `cfg` (a TrainConfig). One path for train.py and tools/."""
+    return save_peft_adapter(output_dir, adapter_state_dict(full_tensors), base_model_name_or_path=base_model_path,
+                             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                             target_modules=sorted(set(cfg.lora_target_modules)))

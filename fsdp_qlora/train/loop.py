@@ -22,7 +22,7 @@ from fsdp_qlora.distributed.sharding import build_mesh
 from fsdp_qlora.metrics.logger import MetricsLogger
 from fsdp_qlora.model.loader import build_qlora_model
 from fsdp_qlora.model.sources import resolve_model
-from fsdp_qlora.peft.export import adapter_state_dict, save_peft_adapter
+from fsdp_qlora.peft.export import export_trained_adapter
 from fsdp_qlora.train.optim import build_optimizer, build_scheduler
 from fsdp_qlora.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, PreemptionFlag, TrainingInterrupted
 
@@ -127,8 +127,8 @@ def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_d
     optimizer = build_optimizer(adapter_params, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     checkpoints = CheckpointManager(run_dir, env.rank, cfg.keep_last, cfg.async_save)
-    state = TrainerState(base_model_id=base_model_identity(model_dir), world_size=env.world_size,
-                         config=cfg.to_dict())
+    state = TrainerState(base_model_id=base_model_identity(model_dir), base_model_path=str(model_dir.resolve()),
+                         world_size=env.world_size, config=cfg.to_dict())
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank, repeatably
     state = _maybe_resume(cfg, env, checkpoints, model, optimizer, scheduler, state)
     metrics = MetricsLogger(run_dir, enabled=env.is_main, resume_step=state.step)
@@ -205,6 +205,4 @@ def _export_adapter(model: nn.Module, cfg: TrainConfig, env: DistEnv, model_dir:
     # full_tensor() all-gathers each adapter tensor: every rank joins, rank 0 writes.
     full = {name: p.full_tensor().cpu() for name, p in model.named_parameters() if p.requires_grad}
     if env.is_main:
-        save_peft_adapter(out_dir, adapter_state_dict(full), base_model_name_or_path=str(model_dir.resolve()),
-                          r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=sorted(set(cfg.lora_target_modules)))
+        export_trained_adapter(out_dir, full, cfg, str(model_dir.resolve()))
