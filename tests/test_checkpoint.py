@@ -212,3 +212,34 @@ def test_exported_adapter_is_the_full_adapter_whatever_wrote_it(baseline, tmp_pa
     assert q_a.shape == (r, hidden) and down_b.shape == (hidden, r)
     exported_config = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
     assert exported_config == json.loads((baseline / "adapter" / "adapter_config.json").read_text())
+
+
+def test_async_save_is_atomic_and_resumes_exactly(baseline, tmp_path, cache):
+    run_dir = tmp_path / "run"
+    proc = _start(2, run_dir, cache, "--async-save")
+    _wait_until(lambda: _latest_step(run_dir) >= 8, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    ranks[0].send_signal(signal.SIGKILL)
+    started = time.time()
+    proc.communicate(timeout=120)
+    assert time.time() - started < 60  # the surviving rank does not hang
+    _ok(_run(2, run_dir, cache, "--async-save"))
+    assert _trajectory(run_dir) == _trajectory(baseline)
+
+
+def test_a_non_finite_step_is_skipped(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    proc = _ok(_run(1, run_dir, cache, "--max-steps", "6", faults="nan_loss_at=3"))
+    assert "warning: step 3: non-finite loss" in proc.stdout and "update skipped (1/5" in proc.stdout
+    assert [r["step"] for r in _metrics(run_dir)] == [1, 2, 4, 5, 6]  # nothing logged for the bad step
+
+
+def test_too_many_non_finite_steps_abort_with_the_last_good_state(tmp_path, cache):
+    from fsdp_qlora.train.signals import EXIT_DIVERGED
+
+    run_dir = tmp_path / "run"
+    proc = _run(1, run_dir, cache, "--max-steps", "12", "--max-bad-steps", "3", faults="nan_loss_at=6,7,8")
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr[-2000:]
+    # Steps 6 and 7 were skipped (counted, no update), step 8 aborts before counting.
+    assert "3 non-finite steps in a row; checkpoint saved at step 7 with the last good weights (step 5)" in proc.stderr
+    assert _latest_step(run_dir) == 7

@@ -21,6 +21,7 @@ Only tensors go through DCP, and nothing is ever unpickled: DCP loads non-tensor
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -124,12 +125,16 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending: tuple[Any, Path, TrainerState] | None = None
+        # A background save must not share a communicator with training: collectives of two
+        # threads on one group interleave differently on each rank and deadlock.
+        self._save_group = dist.new_group(backend="gloo") if async_save else None
 
     # -- saving --
     def save(self, model, optimizer, trainer_state: TrainerState) -> None:
         """Save this step; with async_save the tensors are written in the background and the
         checkpoint is committed (renamed, `latest` moved) by the next `wait()`."""
         self.wait()
+        trainer_state = copy.deepcopy(trainer_state)  # the loop goes on mutating its own
         tmp = self.root / f".tmp-step-{trainer_state.step:08d}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -142,7 +147,7 @@ class CheckpointManager:
         trainer_state.optimizer_param_groups = _json_groups(tensors["optim"].pop("param_groups"))
         (tmp / f"rng-rank{self.rank}.json").write_text(json.dumps(capture_rng()))
         if self.async_save:
-            future = dcp.async_save(tensors, checkpoint_id=str(tmp))
+            future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._save_group)
             self._pending = (future, tmp, trainer_state)
         else:
             dcp.save(tensors, checkpoint_id=str(tmp))

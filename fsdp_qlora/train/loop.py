@@ -153,8 +153,9 @@ def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_d
         optimizer.zero_grad(set_to_none=True)
         if bad_steps >= cfg.max_bad_steps:
             checkpoints.save(model, optimizer, state)  # the last good state: nothing was applied since
-            raise TrainingInterrupted(EXIT_DIVERGED, f"{bad_steps} non-finite steps in a row; last good state "
-                                      f"saved at step {state.step}: lower --lr or check the data")
+            raise TrainingInterrupted(EXIT_DIVERGED, f"{bad_steps} non-finite steps in a row; checkpoint saved at "
+                                      f"step {state.step} with the last good weights (step {state.step - bad_steps + 1}): "
+                                      "lower --lr or check the data")
         scheduler.step()
         state.step += 1
         state.micro_batches_consumed += cfg.grad_accum_steps
