@@ -127,3 +127,10 @@ def test_hub_id_resolves_from_the_local_hugging_face_cache(tmp_path, monkeypatch
     assert resolve_model("acme/tiny", str(tmp_path)) == snapshot
     with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
         resolve_model("acme/absent", str(tmp_path))
+
+
+def test_configuration_reference_is_up_to_date():
+    from fsdp_qlora.config import config_reference_markdown
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    assert doc == config_reference_markdown(), "docs/configuration.md is stale: run python tools/gen_config_docs.py"
