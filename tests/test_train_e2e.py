@@ -56,6 +56,11 @@ def test_tensorboard_holds_the_same_scalars(trained_run):
         assert len(events.Scalars(f"train/{name}")) == STEPS
     for event in events.Scalars("train/loss"):
         assert event.value == pytest.approx(losses[event.step], rel=1e-6)
+    assert all(0 < e.value < 1 for e in events.Scalars("train/mfu"))
+    assert all(e.value > 0.1 for e in events.Scalars("memory/host_rss_gib"))  # CPU: host RSS in GiB
+    assert [e.value for e in events.Scalars("checkpoint/saved_step")] == [STEPS]
+    hparams = events.PluginTagToContent("hparams")  # the run's settings, in the HPARAMS tab
+    assert any(b"lora_rank" in content for content in hparams.values())
 
 
 def test_config_yaml_is_the_resolved_config(trained_run):

@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 
 class MetricsLogger:
     """Writes `metrics.jsonl` and `tensorboard/` under the run directory (main rank only).
 
-    TensorBoard tags are ``train/<name>`` (``train/loss``, ``train/lr``, ...); the JSON keys
-    are the bare names plus ``step``.
+    TensorBoard tags are ``<prefix>/<name>`` (``train/loss``, ``train/lr``, ...) unless the name
+    carries its own group (``memory/host_rss_gib``); the JSON keys are the names plus ``step``.
     """
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
@@ -25,12 +26,21 @@ class MetricsLogger:
         # purge_step hides events a crashed run logged after its last checkpoint.
         self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
-    def log(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+    def log(self, step: int, scalars: dict[str, float], prefix: str = "train", jsonl: bool = True) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        if jsonl:
+            self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         for name, value in scalars.items():
-            self._tb.add_scalar(f"{prefix}/{name}", value, step)
+            self._tb.add_scalar(name if "/" in name else f"{prefix}/{name}", value, step)
+
+    def log_hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        """The run's settings in TensorBoard's HPARAMS tab, in this same event file."""
+        if not self.enabled:
+            return
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        for summary in hparams_summaries(flat, metrics):
+            self._tb.file_writer.add_summary(summary)
 
     def log_text(self, tag: str, text: str) -> None:
         if self.enabled:

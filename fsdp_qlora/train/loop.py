@@ -20,6 +20,8 @@ from fsdp_qlora.data.sft import IGNORE_INDEX, build_dataloader, load_instruction
 from fsdp_qlora.distributed.env import DistEnv, broadcast_object, init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
 from fsdp_qlora.metrics.logger import MetricsLogger
+from fsdp_qlora.metrics.progress import Progress
+from fsdp_qlora.metrics.system import flops_per_token, memory_scalars, peak_tflops
 from fsdp_qlora.model.loader import build_qlora_model
 from fsdp_qlora.model.sources import resolve_model
 from fsdp_qlora.peft.export import export_trained_adapter
@@ -132,6 +134,9 @@ def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_d
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank, repeatably
     state = _maybe_resume(cfg, env, checkpoints, model, optimizer, scheduler, state)
     metrics = MetricsLogger(run_dir, enabled=env.is_main, resume_step=state.step)
+    metrics.log_hparams(cfg.to_dict(), {"train/loss": float("nan")})
+    progress = Progress(total_steps, state.step, enabled=env.is_main)
+    model_flops_per_token, device_peak = flops_per_token(model, cfg.context_length), peak_tflops(env.device)
     batches = _micro_batches(dataset, tokenizer, cfg, env, skip=state.micro_batches_consumed)
     preemption = PreemptionFlag()
     bad_steps = 0
@@ -147,9 +152,8 @@ def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_d
             bad_steps = 0
         else:
             bad_steps += 1
-            if env.is_main:
-                print(f"warning: step {state.step + 1}: non-finite loss/grad norm ({step_loss}, {grad_norm}); "
-                      f"update skipped ({bad_steps}/{cfg.max_bad_steps} in a row)", flush=True)
+            progress.message(f"warning: step {state.step + 1}: non-finite loss/grad norm ({step_loss}, {grad_norm}); "
+                             f"update skipped ({bad_steps}/{cfg.max_bad_steps} in a row)")
         optimizer.zero_grad(set_to_none=True)
         if bad_steps >= cfg.max_bad_steps:
             checkpoints.save(model, optimizer, state)  # the last good state: nothing was applied since
@@ -163,12 +167,14 @@ def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_d
         state.scheduler = scheduler.state_dict()
         elapsed = time.perf_counter() - started
         if finite and (state.step % cfg.log_every == 0 or state.step == total_steps):
+            tokens_per_sec = input_tokens / elapsed
             scalars = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "tokens_per_sec": input_tokens / elapsed}
+                       "tokens_per_sec": tokens_per_sec,
+                       # per-rank achieved model FLOP/s against one device's peak
+                       "mfu": tokens_per_sec * model_flops_per_token / env.world_size / (device_peak * 1e12),
+                       **{f"memory/{k}": v for k, v in memory_scalars(env.device).items()}}
             metrics.log(state.step, scalars)
-            if env.is_main:
-                print(f"step {state.step}/{total_steps} loss {step_loss:.4f} lr {scalars['lr']:.2e} "
-                      f"grad_norm {grad_norm:.3f} tokens/s {scalars['tokens_per_sec']:.0f}", flush=True)
+            progress.update(state.step, scalars)
         if preemption.agreed():
             checkpoints.save(model, optimizer, state)
             checkpoints.wait()
@@ -176,7 +182,9 @@ def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_d
                                       "rerun the same command to resume")
         if state.step == total_steps or (cfg.save_every and state.step % cfg.save_every == 0):
             checkpoints.save(model, optimizer, state)
+            metrics.log(state.step, {"checkpoint/saved_step": state.step}, jsonl=False)
     checkpoints.wait()
+    progress.close()
     metrics.close()
 
 
