@@ -1,4 +1,9 @@
-"""Supervised fine-tuning data: alpaca-style prompts, loss on the response only, sharded batches."""
+"""Supervised fine-tuning data: alpaca-style prompts, loss on the response only, sharded batches.
+
+The training loop uses `fsdp_qlora.data.pipeline.build_train_data` (formats, caching, packing,
+the resumable sampler: docs/data.md). This module keeps the alpaca prompt, the padding collator
+and the original per-epoch DataLoader, whose batches the pipeline reproduces by default.
+"""
 
 from __future__ import annotations
 
