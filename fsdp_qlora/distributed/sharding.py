@@ -1,17 +1,134 @@
-"""FSDP2 sharding: a DeviceMesh over the world, each decoder layer then the root."""
+"""FSDP2 sharding: a DeviceMesh over the world, each decoder layer then the root.
+
+Three layouts (``--sharding``), all built on FSDP2's per-parameter DTensors:
+
+* ``fsdp``: a 1-D mesh ``("dp_shard",)`` over every rank; each parameter (the NF4 base and the
+  adapters) is split by rows across all ranks, all-gathered per layer for compute.
+* ``hsdp``: a 2-D mesh ``("dp_replicate", "dp_shard")`` = (nodes, ranks per node). Parameters are
+  sharded within a node and replicated across nodes (placements ``[Replicate(), Shard(0)]``):
+  all-gathers and reduce-scatters stay on the fast intra-node links; only the (tiny) adapter
+  gradients cross nodes, as an all-reduce over ``dp_replicate``. The NF4 quantization slice is
+  a rank's shard in ``dp_shard``, so every node holds the same bytes.
+* ``ddp``: the HSDP mesh with a shard dim of one rank, ``(world, 1)``: every rank holds the
+  whole NF4 base and adapters (one quantization slice per weight, as on one GPU), nothing is
+  ever all-gathered across ranks (FSDP2's "all-gather" over a group of one is a local copy),
+  and only the adapter gradients are all-reduced, over ``dp_replicate``. This is FSDP2's
+  ``fully_shard`` with a replicate-only layout, so it keeps the same DTensor parameters,
+  mixed-precision policy, ``set_requires_gradient_sync`` and DCP checkpoints (a checkpoint
+  resumes under any of the three layouts). Not chosen: classic ``DistributedDataParallel``
+  cannot hold NF4Tensor parameters (it broadcasts and buckets every parameter as a plain
+  tensor), and ``torch.distributed._composable.replicate_with_fsdp.replicate`` (a private API)
+  hands the all-gather extension its 1-D replicate mesh (size = world) while gathering over a
+  group of one, which breaks the NF4 extension's one-rank path.
+  For a model whose 4-bit base fits on one GPU, replication skips every all-gather.
+
+``auto`` (the default) is ``hsdp`` when the job spans several nodes and ``fsdp`` otherwise.
+"""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from fsdp_qlora.config import SHARDING_TYPES, ConfigError
 from fsdp_qlora.distributed.env import DistEnv
 
+SHARDING_CHOICES = SHARDING_TYPES
+SHARD_DIM = "dp_shard"
+REPLICATE_DIM = "dp_replicate"
 
-def build_mesh(env: DistEnv) -> DeviceMesh:
-    return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp_shard",))
+
+class ShardingError(ConfigError):
+    """A layout that cannot be built for this world (reported as one line)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    strategy: str  # fsdp | hsdp | ddp
+    replicate: int  # size of the dp_replicate dim (1 for fsdp)
+    shard: int  # size of the dp_shard dim (1 for ddp)
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        return (self.shard,) if self.strategy == "fsdp" else (self.replicate, self.shard)
+
+    @property
+    def mesh_dim_names(self) -> tuple[str, ...]:
+        return (SHARD_DIM,) if self.strategy == "fsdp" else (REPLICATE_DIM, SHARD_DIM)
+
+
+def detect_nodes(world_size: int, environ: dict | None = None) -> int:
+    """Nodes in this job: WORLD_SIZE / LOCAL_WORLD_SIZE (torchrun, launch.slurm_env), else
+    SLURM_NNODES, else 1. They disagree only in a broken launch: that is an error."""
+    environ = os.environ if environ is None else environ
+    nodes = None
+    local = environ.get("LOCAL_WORLD_SIZE")
+    if local and int(local) > 0:
+        if world_size % int(local):
+            raise ShardingError(f"WORLD_SIZE {world_size} is not a multiple of LOCAL_WORLD_SIZE {local}: "
+                                "every node must run the same number of ranks")
+        nodes = world_size // int(local)
+    slurm_nodes = environ.get("SLURM_NNODES") or environ.get("SLURM_JOB_NUM_NODES")
+    if slurm_nodes and environ.get("SLURM_JOB_ID") and world_size > 1:
+        if nodes is not None and nodes != int(slurm_nodes) and nodes > 1:
+            raise ShardingError(f"node-count mismatch: the ranks span {nodes} nodes (WORLD_SIZE {world_size} / "
+                                f"LOCAL_WORLD_SIZE {local}) but SLURM allocated {slurm_nodes}: launch one torchrun "
+                                "per node (srun --ntasks-per-node=1) with --nnodes equal to the allocation")
+        if nodes is None:
+            nodes = int(slurm_nodes)
+    return nodes or 1
+
+
+def resolve_layout(sharding: str, world_size: int, replicate_groups: int = 0,
+                   environ: dict | None = None) -> Layout:
+    """--sharding and --replicate-groups (0 = one group per node) -> the mesh layout."""
+    if sharding not in SHARDING_CHOICES:
+        raise ShardingError(f"--sharding {sharding!r} is not one of {', '.join(SHARDING_CHOICES)}")
+    if replicate_groups < 0:
+        raise ShardingError(f"--replicate-groups must be >= 0 (0 = one per node), got {replicate_groups}")
+    groups = replicate_groups or detect_nodes(world_size, environ)
+    if sharding == "auto":
+        sharding = "hsdp" if groups > 1 else "fsdp"
+    if sharding == "fsdp":
+        return Layout("fsdp", 1, world_size)
+    if sharding == "ddp":
+        return Layout("ddp", world_size, 1)
+    if world_size % groups:
+        raise ShardingError(f"--sharding hsdp: {world_size} ranks cannot form {groups} equal replica groups; "
+                            "set --replicate-groups to a divisor of the world size")
+    return Layout("hsdp", groups, world_size // groups)
+
+
+def build_mesh(env: DistEnv, sharding: str = "fsdp", replicate_groups: int = 0) -> DeviceMesh:
+    layout = resolve_layout(sharding, env.world_size, replicate_groups)
+    mesh = init_device_mesh(env.device.type, layout.mesh_shape, mesh_dim_names=layout.mesh_dim_names)
+    if env.is_main and env.world_size > 1:
+        print(f"sharding: {describe(mesh)}", flush=True)
+    return mesh
+
+
+def shard_size(mesh: DeviceMesh) -> int:
+    """Ranks one parameter is split across (the NF4 quantization slices per weight)."""
+    names = mesh.mesh_dim_names or (SHARD_DIM,)
+    return mesh.size(names.index(SHARD_DIM)) if SHARD_DIM in names else 1
+
+
+def strategy_of(mesh: DeviceMesh) -> str:
+    names = tuple(mesh.mesh_dim_names or (SHARD_DIM,))
+    if names == (SHARD_DIM,):
+        return "fsdp"
+    return "ddp" if shard_size(mesh) == 1 and mesh.size() > 1 else "hsdp"
+
+
+def describe(mesh: DeviceMesh) -> str:
+    names = mesh.mesh_dim_names or (SHARD_DIM,)
+    dims = " x ".join(f"{n}={mesh.size(i)}" for i, n in enumerate(names))
+    return f"{strategy_of(mesh)} ({dims})"
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -23,14 +140,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the {num_layers} decoder layers of {type(model).__name__}")
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """`fully_shard` every decoder layer, then the root (embeddings, final norm, lm_head).
+def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.bfloat16,
+                fsdp_options: dict | None = None) -> nn.Module:
+    """`fully_shard` every decoder layer, then the root, on the 1-D (fsdp) or 2-D (hsdp, ddp) mesh.
 
     Compute runs in `param_dtype` (the fp32 adapters are cast for the matmuls); gradients
     are reduced in fp32 so that averaging across ranks loses nothing.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # fsdp_options: reshard_after_forward / offload_policy (fsdp_qlora.train.memory).
+    options = dict(fsdp_options or {})
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, **options)
+    options.pop("reshard_after_forward", None)  # the root keeps FSDP2's own choice (no reshard: backward is next)
+    fully_shard(model, mesh=mesh, mp_policy=policy, **options)
     return model
