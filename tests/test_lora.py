@@ -136,14 +136,16 @@ def test_custom_module_with_bias_matches_peft(dim, hidden, r):
         torch.testing.assert_close(grad, peft_grads[name], **EXACT, msg=name)
 
 
-def test_nf4_linear_base_equals_dense_dequantized_base():
-    """Wrapping our NF4Linear is the same as wrapping an nn.Linear holding the dequantized weight."""
+def adapted_nf4_and_dense(wrapper) -> tuple[list[nn.Module], list[tuple[torch.Tensor, ...]]]:
+    """`wrapper` (LoRALinear, DoRALinear) around an NF4Linear and around an nn.Linear holding its
+    dequantized weight, with the same random A and B; after one forward/backward of the same
+    input, per layer: (output, input grad, then each trainable parameter's grad)."""
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     quantized = NF4Linear(128, 64)
     quantized.weight = nn.Parameter(quantize_nf4(weight), requires_grad=False)
     dense = nn.Linear(128, 64, bias=False, dtype=torch.bfloat16)
     dense.weight = nn.Parameter(quantized.weight.dequantize(), requires_grad=False)
-    layers = [LoRALinear(quantized, r=8, lora_alpha=16), LoRALinear(dense, r=8, lora_alpha=16)]
+    layers = [wrapper(quantized, r=8, lora_alpha=16), wrapper(dense, r=8, lora_alpha=16)]
     with torch.no_grad():
         layers[0].lora_B.weight.normal_()
         for name in ("lora_A", "lora_B"):
@@ -154,8 +156,14 @@ def test_nf4_linear_base_equals_dense_dequantized_base():
         x_leaf = x.clone().requires_grad_(True)
         out = layer(x_leaf)
         out.float().sum().backward()
-        results.append((out, x_leaf.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
-    assert results[0][0].dtype == torch.bfloat16
+        results.append((out, x_leaf.grad, *[p.grad for p in layer.parameters() if p.requires_grad]))
+    return layers, results
+
+
+def test_nf4_linear_base_equals_dense_dequantized_base():
+    """Wrapping our NF4Linear is the same as wrapping an nn.Linear holding the dequantized weight."""
+    _, results = adapted_nf4_and_dense(LoRALinear)
+    assert results[0][0].dtype == torch.bfloat16 and len(results[0]) == 4  # out, x grad, A grad, B grad
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, **EXACT)
 

@@ -18,14 +18,23 @@ class _NF4Matmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: NF4Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+        # `dense`: the weight already dequantized by the caller (DoRA needs it for its norm too),
+        # so one forward dequantizes once.
         ctx.weight = weight
-        return F.linear(x, weight.dequantize(x.dtype))
+        return F.linear(x, weight.dequantize(x.dtype) if dense is None else dense)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         weight: NF4Tensor = ctx.weight
-        return grad_output @ weight.dequantize(grad_output.dtype), None
+        return grad_output @ weight.dequantize(grad_output.dtype), None, None
+
+
+def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequant(weight)^T (no bias); `dense` is the dequantized weight if the caller has it."""
+    if not isinstance(weight, NF4Tensor):
+        raise RuntimeError("NF4Linear used before its weight was loaded")
+    return _NF4Matmul.apply(x, weight, dense)
 
 
 class NF4Linear(nn.Module):
@@ -46,11 +55,9 @@ class NF4Linear(nn.Module):
         bias_param = torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
         self.bias = nn.Parameter(bias_param, requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if not isinstance(weight, NF4Tensor):
-            raise RuntimeError("NF4Linear used before its weight was loaded")
-        out = _NF4Matmul.apply(x, weight)
+    def forward(self, x: torch.Tensor, dense_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`dense_weight`: this layer's weight already dequantized in x's dtype, to reuse."""
+        out = nf4_matmul(x, self.weight, dense_weight)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,10 @@
-"""Save/load LoRA adapters in PEFT's on-disk format, so `PeftModel.from_pretrained` reads them.
+"""Save/load LoRA/DoRA adapters in PEFT's on-disk format, so `PeftModel.from_pretrained` reads them.
+
+What is written (docs/adapters.md): ``lora_A``/``lora_B`` weights, plus ``lora_magnitude_vector``
+per module for DoRA (``use_dora: true``); ``use_rslora`` when the scale is alpha/sqrt(r); an
+explicit ``target_modules`` list; no ``modules_to_save``. Plain LoRA adapters thus also meet the
+rules vLLM applies when loading an adapter; vLLM refuses DoRA, whose serving path is a merged
+model (tools/merge_adapter.py).
 
 peft itself is only a test dependency: the config and key names are written here by hand and
 the tests check that PEFT reads them back.
@@ -15,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fsdp_qlora.config import DORA_TRAIN_TYPES
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -22,12 +30,13 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # part of the Hugging Face module path that PEFT keys refer to.
 _WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 _LORA_WEIGHTS = frozenset({"lora_A", "lora_B"})
+DORA_MAGNITUDE = "lora_magnitude_vector"  # a Parameter of its module, saved without ".weight" by PEFT
 # PeftModel wraps a LoraModel (`base_model`) wrapping the HF model (`model`).
 PEFT_KEY_PREFIX = "base_model.model."
 
 
 def adapter_state_dict(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Pick the LoRA A/B weights out of `named_tensors` and rename them to PEFT's keys.
+    """Pick the LoRA A/B weights (and DoRA magnitudes) out of `named_tensors`, renamed to PEFT's keys.
 
     ``_orig_mod.model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.lora_A.weight`` becomes
     ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (PEFT saves without the
@@ -36,7 +45,8 @@ def adapter_state_dict(named_tensors: dict[str, torch.Tensor]) -> dict[str, torc
     result: dict[str, torch.Tensor] = {}
     for name, tensor in named_tensors.items():
         parts = [part for part in name.split(".") if part not in _WRAPPER_COMPONENTS]
-        if len(parts) < 3 or parts[-2] not in _LORA_WEIGHTS or parts[-1] != "weight":
+        is_lora = len(parts) >= 3 and parts[-2] in _LORA_WEIGHTS and parts[-1] == "weight"
+        if not (is_lora or (len(parts) >= 2 and parts[-1] == DORA_MAGNITUDE)):
             continue
         key = PEFT_KEY_PREFIX + ".".join(parts)
         if key in result:
@@ -48,12 +58,20 @@ def adapter_state_dict(named_tensors: dict[str, torch.Tensor]) -> dict[str, torc
     return result
 
 
+def adapted_modules(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """The qualified names (in the HF model) of the modules a PEFT-keyed adapter touches."""
+    return sorted({key.removeprefix(PEFT_KEY_PREFIX).rsplit(".lora_", 1)[0] for key in state_dict})
+
+
 def peft_adapter_config(base_model_name_or_path: str, r: int, lora_alpha: float, lora_dropout: float,
-                        target_modules: list[str]) -> dict:
-    """The `adapter_config.json` content PEFT writes for plain LoRA on a causal LM.
+                        target_modules: list[str], *, use_rslora: bool = False, use_dora: bool = False,
+                        rank_pattern: dict[str, int] | None = None,
+                        alpha_pattern: dict[str, float] | None = None) -> dict:
+    """The `adapter_config.json` content PEFT writes for LoRA/DoRA on a causal LM.
 
     Only fields PEFT has had since 0.10 are written, so older PEFT versions load it too; newer
-    fields take their defaults, which are all "off".
+    fields take their defaults, which are all "off". `target_modules` is always a list (never
+    PEFT's regex form): vLLM and other loaders need the names.
     """
     return {
         "peft_type": "LORA",
@@ -67,14 +85,14 @@ def peft_adapter_config(base_model_name_or_path: str, r: int, lora_alpha: float,
         "target_modules": sorted(set(target_modules)),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(rank_pattern or {}),
+        "alpha_pattern": dict(alpha_pattern or {}),
         "layer_replication": None,
         "auto_mapping": None,
     }
@@ -82,16 +100,16 @@ def peft_adapter_config(base_model_name_or_path: str, r: int, lora_alpha: float,
 
 def save_peft_adapter(output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor],
                       base_model_name_or_path: str, r: int, lora_alpha: float, lora_dropout: float,
-                      target_modules: list[str]) -> Path:
+                      target_modules: list[str], **options) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` into `output_dir`.
 
-    `state_dict` is `adapter_state_dict`'s output. Both files are written to a sibling temp dir
+    `state_dict` is `adapter_state_dict`'s output; `options` are `peft_adapter_config`'s. Both files are written to a sibling temp dir
     which then replaces `output_dir` as a whole, so a crash mid-save leaves the previous adapter
     intact (never a new config next to old or half-written weights).
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    config = peft_adapter_config(base_model_name_or_path, r, lora_alpha, lora_dropout, target_modules)
+    config = peft_adapter_config(base_model_name_or_path, r, lora_alpha, lora_dropout, target_modules, **options)
     # safetensors needs contiguous CPU tensors; fp32 is what PEFT would load into fp32 adapters.
     tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in state_dict.items()}
 
@@ -138,7 +156,13 @@ def _replace_dir(new: Path, target: Path) -> None:
 def export_trained_adapter(output_dir: str | os.PathLike, full_tensors: dict[str, torch.Tensor], cfg,
                            base_model_path: str) -> Path:
     """The run's adapter in PEFT format, from full (unsharded) adapter tensors named as in our
-    model, with the settings of `cfg` (a TrainConfig). One path for train.py and tools/."""
-    return save_peft_adapter(output_dir, adapter_state_dict(full_tensors), base_model_name_or_path=base_model_path,
+    model, with the settings of `cfg` (a TrainConfig). One path for train.py and tools/.
+
+    A --lora-target-regex is written as the explicit list of the modules it matched."""
+    state_dict = adapter_state_dict(full_tensors)
+    targets = adapted_modules(state_dict) if cfg.lora_target_regex else sorted(set(cfg.lora_target_modules))
+    return save_peft_adapter(output_dir, state_dict, base_model_name_or_path=base_model_path,
                              r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=sorted(set(cfg.lora_target_modules)))
+                             target_modules=targets, use_rslora=cfg.use_rslora,
+                             use_dora=cfg.train_type in DORA_TRAIN_TYPES, rank_pattern=cfg.rank_pattern(),
+                             alpha_pattern=cfg.alpha_pattern())

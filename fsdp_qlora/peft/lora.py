@@ -1,33 +1,61 @@
 """LoRA adapters around frozen (possibly NF4-quantized) linear layers, numerically matching PEFT.
 
-The math is PEFT's default LoRA (`init_lora_weights=True`, no bias, no DoRA/rsLoRA):
-``y = base(x) + lora_B(lora_A(dropout(x))) * alpha / r``, with the adapters kept in their own
+The math is PEFT's default LoRA (`init_lora_weights=True`, no bias):
+``y = base(x) + lora_B(lora_A(dropout(x))) * scaling``, ``scaling = alpha / r`` (or ``alpha / sqrt(r)``
+with rsLoRA), with the adapters kept in their own
 dtype (fp32 by default) whatever the base computes in, and the result returned in the base
 output's dtype. The module tree is plain `nn.Linear`s so FSDP2's `fully_shard` on an enclosing
-decoder layer shards the adapter weights like any other parameter.
+decoder layer shards the adapter weights like any other parameter. DoRA is `peft/dora.py`.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+_V = TypeVar("_V")
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """alpha / r, or with rsLoRA (Kalajdzievski 2023) alpha / sqrt(r): the rank-stabilized factor
+    keeps the update's magnitude from shrinking as r grows, as PEFT's `use_rslora` does."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def target_matches(name: str, target_modules: list[str] | str) -> bool:
+    """PEFT's rule: a string is a regex the whole qualified module name must match; a list names
+    modules by their trailing name components (``q_proj`` or ``self_attn.q_proj``)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def pattern_value(name: str, patterns: dict[str, _V] | None, default: _V) -> _V:
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the first pattern matching the end of `name`."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
 
 class LoRALinear(nn.Module):
     """A frozen linear-like `base` (``forward(x) = x @ W^T [+ b]``, with `in_features` and
     `out_features` attributes) plus a trainable low-rank update."""
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, use_rslora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         self.base = base
         self.r = r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / r
+        self.scaling = lora_scaling(lora_alpha, r, use_rslora)
         # Same module types as PEFT, so the RNG stream and state dict layout line up with it.
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         device = _module_device(base)
@@ -42,6 +70,11 @@ class LoRALinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+    def materialize(self, device: torch.device) -> None:
+        """Allocate the (meta) adapter parameters on `device`; values are garbage until reset."""
+        self.lora_A.to_empty(device=device)
+        self.lora_B.to_empty(device=device)
 
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
         """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)) (nn.Linear's default, i.e.
@@ -71,19 +104,25 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
 
 
-def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float, dropout: float,
-               dtype: torch.dtype = torch.float32) -> list[str]:
-    """Wrap every submodule whose last name component is in `target_modules` in a `LoRALinear`.
+def apply_lora(model: nn.Module, target_modules: list[str] | str, r: int, alpha: float, dropout: float,
+               dtype: torch.dtype = torch.float32, *, use_rslora: bool = False, use_dora: bool = False,
+               rank_pattern: dict[str, int] | None = None,
+               alpha_pattern: dict[str, float] | None = None) -> list[str]:
+    """Wrap every submodule matching `target_modules` (PEFT's rule, `target_matches`) in a
+    `LoRALinear`, or a `DoRALinear` with `use_dora`.
 
+    `rank_pattern` / `alpha_pattern` override r / alpha per module, as PEFT's config fields do.
     Freezes every existing parameter; only the new adapters train. Works on a meta-device model
-    (the adapters are created on meta too; materialize them, then call `init_lora_parameters`).
+    (the adapters are created on meta too; materialize them, then call `init_lora_parameters`
+    and, for DoRA, `init_dora_magnitudes` once the base weights are in).
     Returns the qualified names of the wrapped modules, in module order.
     """
-    targets = set(target_modules)
+    from fsdp_qlora.peft.dora import DoRALinear  # dora.py builds on this module
+
     matched = [(name, module) for name, module in model.named_modules()
-               if name and name.rsplit(".", 1)[-1] in targets]
+               if name and target_matches(name, target_modules)]
     if not matched:
-        raise ValueError(f"no module matches target_modules={sorted(targets)}; "
+        raise ValueError(f"no module matches target_modules={target_modules!r}; "
                          f"linear layers in this model: {_linear_layer_names(model)}")
     for name, module in matched:
         if isinstance(module, LoRALinear):
@@ -95,7 +134,9 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
     for name, module in matched:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        lora = LoRALinear(module, r, alpha, dropout, dtype=dtype)
+        layer_cls = DoRALinear if use_dora else LoRALinear
+        lora = layer_cls(module, pattern_value(name, rank_pattern, r), pattern_value(name, alpha_pattern, alpha),
+                         dropout, dtype=dtype, use_rslora=use_rslora)
         lora.train(module.training)  # a new module starts in training mode: keep the model's mode
         setattr(parent, child_name, lora)
     return [name for name, _ in matched]
@@ -111,6 +152,18 @@ def init_lora_parameters(model: nn.Module, seed: int) -> None:
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.reset_lora_parameters(generator)
+
+
+def adapter_param_groups(model: nn.Module, loraplus_lr_ratio: float, lr: float) -> list[dict]:
+    """The trainable parameters as optimizer groups. With LoRA+ (Hayou et al. 2024,
+    `loraplus_lr_ratio` != 1) B learns at lr * ratio; like PEFT's `create_loraplus_optimizer`, 1-D
+    adapter parameters (DoRA's magnitude) go with B."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if loraplus_lr_ratio == 1.0:
+        return [{"params": [p for _, p in params]}]
+    fast = [p for name, p in params if ".lora_B." in name or p.ndim == 1]
+    slow = [p for name, p in params if not (".lora_B." in name or p.ndim == 1)]
+    return [{"params": slow}, {"params": fast, "lr": lr * loraplus_lr_ratio}]
 
 
 def _module_device(module: nn.Module) -> torch.device:
