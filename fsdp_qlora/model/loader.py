@@ -20,14 +20,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fsdp_qlora.config import TrainConfig
+from fsdp_qlora.config import DORA_TRAIN_TYPES, QUANTIZED_TRAIN_TYPES, TrainConfig
 from fsdp_qlora.distributed.env import DistEnv
-from fsdp_qlora.distributed.sharding import decoder_layers, shard_model
+from fsdp_qlora.distributed.sharding import decoder_layers, shard_model, shard_size
 from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, quantize_nf4
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.sources import safetensors_files
 from fsdp_qlora.peft.export import PEFT_KEY_PREFIX
+from fsdp_qlora.peft.dora import init_dora_magnitudes
 from fsdp_qlora.peft.lora import LoRALinear, apply_lora, copy_full_into, init_lora_parameters
+from fsdp_qlora.train.memory import apply_activation_memory_options, fsdp_options
 
 COMPUTE_DTYPE = torch.bfloat16
 
@@ -38,11 +40,16 @@ def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> 
         model = AutoModelForCausalLM.from_config(
             config, dtype=COMPUTE_DTYPE, trust_remote_code=cfg.trust_remote_code
         )
-    quantize_decoder_linears(model, shard_count=mesh.size())
-    apply_lora(model, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    if cfg.train_type in QUANTIZED_TRAIN_TYPES:  # lora/dora: the base stays frozen bf16 nn.Linears, loaded by rows
+        quantize_decoder_linears(model, shard_count=shard_size(mesh))  # the dp_shard ranks (1 for ddp)
+    apply_lora(model, cfg.adapter_targets(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+               use_rslora=cfg.use_rslora, use_dora=cfg.train_type in DORA_TRAIN_TYPES,
+               rank_pattern=cfg.rank_pattern(), alpha_pattern=cfg.alpha_pattern())
     _materialize_adapters(model, env.device, cfg.seed)
-    shard_model(model, mesh)
+    apply_activation_memory_options(decoder_layers(model), cfg)  # checkpointing / offload (train/memory.py)
+    shard_model(model, mesh, fsdp_options=fsdp_options(cfg))
     load_base_weights(model, model_dir, env.device)
+    init_dora_magnitudes(model)  # DoRA's m = row norms of the loaded base; each rank its own rows
     return model
 
 
@@ -83,8 +90,7 @@ def _materialize_adapters(model: nn.Module, device: torch.device, seed: int) -> 
     keeps each rank's chunk. Every rank thus starts from identical adapter weights."""
     for module in model.modules():
         if isinstance(module, LoRALinear):
-            module.lora_A.to_empty(device=device)
-            module.lora_B.to_empty(device=device)
+            module.materialize(device)
     init_lora_parameters(model, seed)
 
 
@@ -105,11 +111,21 @@ def checkpoint_key_to_param(model: nn.Module) -> dict[str, list[tuple[nn.Module,
     return mapping
 
 
-def local_row_range(rows: int, mesh) -> tuple[int, int]:
-    """The rows of dim 0 this rank owns under FSDP2's `torch.chunk` sharding."""
-    chunk = math.ceil(rows / mesh.size())
-    start = min(mesh.get_local_rank() * chunk, rows)
-    return start, min(start + chunk, rows)
+def local_row_range(rows: int, mesh, placements=None) -> tuple[int, int]:
+    """The rows of dim 0 this rank owns under FSDP2's `torch.chunk` sharding.
+
+    `placements` are the parameter's own (default: Shard(0) on every mesh dim). Only mesh
+    dims that shard dim 0 split the rows: under HSDP, ``[Replicate(), Shard(0)]`` gives the
+    rank's chunk within its dp_shard group; under ddp, ``[Replicate()]`` gives every row.
+    """
+    placements = placements if placements is not None else [Shard(0)] * mesh.ndim
+    start, stop = 0, rows
+    for dim, placement in enumerate(placements):
+        if isinstance(placement, Shard) and placement.dim == 0:
+            chunk = math.ceil((stop - start) / mesh.size(dim))
+            start = min(start + mesh.get_local_rank(dim) * chunk, stop)
+            stop = min(start + chunk, stop)
+    return start, stop
 
 
 def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device) -> None:
@@ -170,9 +186,9 @@ def _large_allocations_via_mmap():
 def _install_local_rows(module: nn.Module, attr: str, tensor_slice, device: torch.device) -> None:
     param = getattr(module, attr)
     assert isinstance(param, DTensor), "load_base_weights expects an FSDP2-sharded model"
-    mesh = param.device_mesh
+    mesh, placements = param.device_mesh, param.placements
     full_rows = tensor_slice.get_shape()[0]
-    start, stop = local_row_range(full_rows, mesh)
+    start, stop = local_row_range(full_rows, mesh, placements)
     rows = tensor_slice[start:stop].to(device)
     if isinstance(module, NF4Linear) and attr == "weight":
         local = quantize_nf4(rows.to(COMPUTE_DTYPE), COMPUTE_DTYPE)
@@ -180,7 +196,7 @@ def _install_local_rows(module: nn.Module, attr: str, tensor_slice, device: torc
         # A safetensors slice may be a view of the memory-mapped file: copy it, or the
         # parameter would pin the whole mapping (every shard's pages) in host memory.
         local = rows.to(param.dtype, copy=True)
-    sharded = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride())
+    sharded = DTensor.from_local(local, mesh, placements, run_check=False, shape=param.shape, stride=param.stride())
     setattr(module, attr, nn.Parameter(sharded, requires_grad=False))
 
 

@@ -1,0 +1,388 @@
+"""Per-GPU memory planner: from a model config alone (no weights), the memory one rank needs.
+
+    python tools/plan_memory.py --model llama-70b --world-size 2 --context-length 2048 --batch-size 1
+    python train.py --plan ...            # the same, with train.py's flags
+    python tools/plan_memory.py ... --auto    # the cheapest options (least slowdown) that fit
+
+Two kinds of figures:
+
+* **Static, exact**: the bytes this rank holds for its NF4 weight shard (4-bit codes + quantization
+  constants, computed exactly as `NF4Tensor` stores them), the other frozen weights (bf16
+  embeddings, lm_head, norms), the fp32 LoRA parameters, their gradients and the optimizer state.
+  tests/test_planner.py checks them against a real sharded model on several configs and world sizes.
+* **Dynamic, modelled**: all-gathered layer buffers (current + prefetched layer, plus the bf16
+  weight dequantized for one matmul), the root's all-gathered embeddings/lm_head (FSDP2 keeps the
+  root unsharded from forward to the end of backward), activations per token and layer (bf16
+  compute, Flash/memory-efficient attention on CUDA: no T x T scores), and the loss' logits. The
+  per-token activation count is derived below from what autograd saves in a LoRA'd Llama layer.
+
+The fit check adds a runtime overhead (CUDA context, cuBLAS/NCCL workspaces) and 5% allocator
+fragmentation to the predicted peak of `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+NF4_BLOCK, NESTED_BLOCK, BNB_BLOCK = 64, 256, 256
+RUNTIME_OVERHEAD = int(0.75 * GIB)  # CUDA context + cuBLAS workspace + NCCL buffers (not in max_memory_allocated)
+FRAGMENTATION = 0.05
+
+# config.json values of models the planner knows without a download (Hugging Face's published configs).
+_LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                   num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
+_LLAMA3_70B = {**_LLAMA2_70B, "vocab_size": 128256}
+_LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+_LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)
+_MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
+_QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+_QWEN25_72B = dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                   num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-70b": _LLAMA2_70B, "llama-2-70b": _LLAMA2_70B,
+    "llama-3-70b": _LLAMA3_70B, "llama-3.1-70b": _LLAMA3_70B,
+    "llama-3-8b": _LLAMA3_8B, "llama-3.1-8b": _LLAMA3_8B,
+    "llama-2-7b": _LLAMA2_7B,
+    "mistral-7b": _MISTRAL_7B, "qwen-2.5-7b": _QWEN25_7B, "qwen-2.5-72b": _QWEN25_72B,
+}
+
+
+def load_model_config(model: str) -> dict[str, Any]:
+    """An alias the planner knows, a config.json, or a directory holding one. Never downloads."""
+    if model == "tiny-llama":
+        from fsdp_qlora.model.tiny_llama import TINY_LLAMA_CONFIG
+
+        return dict(TINY_LLAMA_CONFIG)
+    if model in KNOWN_CONFIGS:
+        return dict(KNOWN_CONFIGS[model])
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from fsdp_qlora.config import ConfigError
+
+    raise ConfigError(f"the planner has no config for {model!r}: pass one of {', '.join(sorted(KNOWN_CONFIGS))}, "
+                      "tiny-llama, or a config.json (or a directory holding one)")
+
+
+@dataclass
+class Geometry:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Geometry":
+        heads = config["num_attention_heads"]
+        return cls(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], heads,
+                   config.get("num_key_value_heads") or heads,
+                   config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
+                   bool(config.get("tie_word_embeddings", False)))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of one decoder layer's linears."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def _chunk(n: int, world: int) -> int:
+    """Rank 0's share of n rows under torch.chunk (the largest)."""
+    return math.ceil(n / world)
+
+
+def nf4_shard_bytes(out_features: int, in_features: int, world: int) -> tuple[int, int]:
+    """(4-bit codes, quantization constants) of one rank's NF4 shard, as NF4Tensor holds them."""
+    n = _chunk(out_features, world) * in_features
+    blocks = n // NF4_BLOCK
+    return n // 2, blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4  # absmax_q u8, nested fp32, offset fp32
+
+
+@dataclass
+class Options:
+    world_size: int = 2
+    train_type: str = "qlora"  # qlora/qdora: NF4 base; lora/dora: bf16 base
+    context_length: int = 2048
+    batch_size: int = 1
+    lora_rank: int = 8
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj")
+    optimizer: str = "adamw"
+    min_8bit_size: int = 4096
+    loss_chunk_tokens: int = 1024
+    activation_checkpointing: bool = False
+    activation_checkpointing_every: int = 1
+    activation_offload: bool = False
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+    @classmethod
+    def from_train_config(cls, cfg, world_size: int) -> "Options":
+        names = {f.name for f in dataclasses.fields(cls)} - {"world_size"}
+        values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+        values["lora_target_modules"] = tuple(values.get("lora_target_modules", cls.lora_target_modules))
+        return cls(world_size=world_size, **values)
+
+
+@dataclass
+class Plan:
+    parts: dict[str, int]  # bytes on the GPU at the peak, by part
+    host: dict[str, int]  # bytes in host memory per rank (CPU offload / activation offload)
+    peak: int  # predicted torch.cuda.max_memory_allocated
+    options: Options
+
+    def needed(self) -> int:
+        return int(self.peak * (1 + FRAGMENTATION)) + RUNTIME_OVERHEAD
+
+    def fits(self, gpu_bytes: int) -> bool:
+        return self.needed() <= gpu_bytes
+
+
+def static_bytes(geo: Geometry, opt: Options) -> dict[str, int]:
+    """Exact bytes one rank (rank 0, the largest shard) holds for weights, adapters and optimizer."""
+    w, r = opt.world_size, opt.lora_rank
+    quantized = opt.train_type in ("qlora", "qdora")
+    codes = constants = dense_linears = 0
+    for out_f, in_f in geo.linears().values():
+        if quantized:
+            c, q = nf4_shard_bytes(out_f, in_f, w)
+            codes, constants = codes + c, constants + q
+        else:  # lora/dora: the frozen base linears stay bf16
+            dense_linears += _chunk(out_f, w) * in_f * 2
+    frozen = _chunk(geo.vocab, w) * geo.hidden * 2 * (1 if geo.tied else 2)
+    frozen += _chunk(geo.hidden, w) * 2 * (2 * geo.layers + 1)  # RMSNorm weights
+    adapter_elems, optimizer = 0, 0
+    targets = set(opt.lora_target_modules)
+    shapes = [(r, in_f) for n, (_, in_f) in geo.linears().items() if n in targets]  # lora_A (r, in)
+    shapes += [(out_f, r) for n, (out_f, _) in geo.linears().items() if n in targets]  # lora_B (out, r)
+    if opt.train_type in ("qdora", "dora"):
+        shapes += [(out_f,) for n, (out_f, _) in geo.linears().items() if n in targets]  # lora_magnitude_vector
+    for shape in shapes:
+        rows, cols = shape[0], math.prod(shape[1:])
+        local = _chunk(rows, w) * cols
+        adapter_elems += local
+        optimizer += _optimizer_bytes(shape, local, opt)
+    return {
+        "nf4_weights": codes * geo.layers,
+        "quant_constants": constants * geo.layers,
+        "frozen_bf16": frozen + dense_linears * geo.layers,
+        "adapter_params": adapter_elems * 4 * geo.layers,
+        "adapter_grads": adapter_elems * 4 * geo.layers,
+        "optimizer_state": optimizer * geo.layers,
+    }
+
+
+def _optimizer_bytes(shape: tuple[int, ...], local: int, opt: Options) -> int:
+    if opt.optimizer == "adamw":
+        return 8 * local + 4  # exp_avg + exp_avg_sq fp32, step (fp32 scalar)
+    from fsdp_qlora.train.optim import blocks_align
+
+    if opt.optimizer.endswith("8bit") and math.prod(shape) >= opt.min_8bit_size and blocks_align(shape, opt.world_size):
+        return 2 * local + 8 * math.ceil(local / BNB_BLOCK)  # uint8 codes x2, fp32 absmax x2 per 256
+    return 8 * local
+
+
+def activation_bytes_per_token_layer(geo: Geometry, opt: Options) -> int:
+    """Bytes autograd keeps per token for one LoRA'd decoder layer (bf16 compute, fp32 norms).
+
+    RMSNorm x2: fp32 input + bf16 output (6H each); attention: q, k, v before and after rotary and
+    the attention output (~6H + 6H_kv with flash attention, plus its fp32 logsumexp); MLP: gate,
+    up, SiLU(gate) and their product (8I); LoRA: each adapter's bf16 input after dropout plus the
+    dropout mask (3 bytes per input feature; shared inputs count once when there is no dropout),
+    and its rank-r intermediate; DoRA: also each adapted linear's bf16 base output, which the
+    magnitude's gradient needs (2 bytes per output feature).
+    """
+    h, kv, i = geo.hidden, geo.kv_heads * geo.head_dim, geo.intermediate
+    total = 12 * h + 6 * h + 6 * kv + 4 * geo.heads + 8 * i
+    targets = [n for n in geo.linears() if n in set(opt.lora_target_modules)]
+    if opt.lora_dropout > 0:
+        total += sum(3 * geo.linears()[n][1] + 2 * opt.lora_rank for n in targets)
+    else:
+        total += 2 * opt.lora_rank * len(targets)
+    if opt.train_type in ("qdora", "dora"):
+        total += sum(2 * geo.linears()[n][0] for n in targets)
+    return total
+
+
+def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
+    geo = Geometry.from_config(config)
+    static = static_bytes(geo, opt)
+    tokens = opt.batch_size * opt.context_length
+    w = opt.world_size
+    if opt.train_type in ("qlora", "qdora"):
+        layer_full = sum(sum(nf4_shard_bytes(o, i, 1)) for o, i in geo.linears().values())  # one gathered layer
+        biggest_bf16 = max(o * i for o, i in geo.linears().values()) * 2  # one weight dequantized per matmul
+    else:  # bf16 base: gathered as is, nothing to dequantize
+        layer_full, biggest_bf16 = sum(o * i * 2 for o, i in geo.linears().values()), 0
+    layer_adapter = sum((geo.linears()[n][1] + geo.linears()[n][0]) * opt.lora_rank
+                        for n in geo.linears() if n in set(opt.lora_target_modules))
+    gathered_layers = 2 if opt.reshard_after_forward else geo.layers + 1  # current + prefetched (or all)
+    parts: dict[str, int] = {}
+    host: dict[str, int] = {}
+    resident = ("nf4_weights", "quant_constants", "frozen_bf16", "adapter_params", "adapter_grads", "optimizer_state")
+    for key in resident:
+        if opt.cpu_offload:
+            host[key] = static[key]
+        else:
+            parts[key] = static[key]
+    if opt.cpu_offload:  # the root's own shard (embeddings...) is also copied to the GPU when gathered
+        parts["offload_staging"] = layer_full // w
+    parts["layer_buffers"] = (gathered_layers * (layer_full + layer_adapter * 2)  # base + bf16 adapters
+                              + biggest_bf16
+                              + layer_adapter * 4)  # one layer's unsharded fp32 adapter grads
+    parts["root_unsharded"] = geo.vocab * geo.hidden * 2 * (1 if geo.tied else 2) + geo.hidden * 2
+    per_layer = activation_bytes_per_token_layer(geo, opt)
+    boundary = 2 * geo.hidden  # a checkpointed layer keeps only its bf16 input
+    checkpointed = (len(range(0, geo.layers, opt.activation_checkpointing_every))
+                    if opt.activation_checkpointing else 0)
+    plain = geo.layers - checkpointed
+    # offloaded (train/memory.py): boundaries and saved tensors in host memory, two layers in flight
+    on_gpu_plain = min(plain, 2) if opt.activation_offload else plain
+    on_gpu_boundaries = min(checkpointed, 2) if opt.activation_offload else checkpointed
+    parts["activations"] = tokens * (on_gpu_boundaries * boundary + on_gpu_plain * per_layer
+                                     + (per_layer if checkpointed else 0))  # + one layer recomputed
+    if opt.activation_offload:
+        host["activations"] = tokens * ((plain - on_gpu_plain) * per_layer
+                                        + (checkpointed - on_gpu_boundaries) * boundary)
+    chunk = min(opt.loss_chunk_tokens or tokens, tokens)
+    # hidden states (bf16) + per chunk: bf16 logits, fp32 logits, fp32 log-softmax, their gradients
+    parts["logits_and_loss"] = tokens * 2 * geo.hidden + chunk * geo.vocab * (2 + 4 + 4 + 4 + 2)
+    return Plan(parts, host, sum(parts.values()), opt)
+
+
+# ---- choosing options --------------------------------------------------------------------------
+# (overrides, relative step time): ordered by slowdown, the first that fits is the cheapest.
+CANDIDATES: list[tuple[dict[str, Any], float]] = [
+    ({"reshard_after_forward": False}, 0.95),
+    ({}, 1.0),
+    ({"optimizer": "adamw8bit"}, 1.01),
+    ({"activation_checkpointing": True, "activation_checkpointing_every": 2}, 1.17),
+    ({"activation_checkpointing": True, "activation_checkpointing_every": 2, "activation_offload": True}, 1.25),
+    ({"activation_checkpointing": True}, 1.33),
+    ({"activation_checkpointing": True, "optimizer": "adamw8bit", "loss_chunk_tokens": 256}, 1.34),
+    # boundaries to pinned host memory: one batch x seq x hidden copy each way per layer, overlapped
+    # with little else on a 70B layer's compute, so a few percent more than checkpointing alone
+    ({"activation_checkpointing": True, "activation_offload": True}, 1.38),
+    ({"activation_checkpointing": True, "activation_offload": True, "optimizer": "adamw8bit",
+      "loss_chunk_tokens": 256}, 1.39),
+    ({"activation_checkpointing": True, "cpu_offload": True}, 1.6),
+    ({"activation_checkpointing": True, "cpu_offload": True, "loss_chunk_tokens": 256}, 1.62),
+]
+
+
+def auto_plan(config: dict[str, Any], base: Options, gpu_bytes: int) -> tuple[Plan | None, float]:
+    for overrides, slowdown in CANDIDATES:
+        plan = plan_memory(config, dataclasses.replace(base, **overrides))
+        if plan.fits(gpu_bytes):
+            return plan, slowdown
+    return None, math.inf
+
+
+def describe_options(opt: Options) -> str:
+    flags = [f"--optimizer {opt.optimizer}", f"--loss-chunk-tokens {opt.loss_chunk_tokens}"]
+    if opt.activation_checkpointing:
+        flags.append("--activation-checkpointing")
+        if opt.activation_checkpointing_every != 1:
+            flags.append(f"--activation-checkpointing-every {opt.activation_checkpointing_every}")
+    if opt.activation_offload:
+        flags.append("--activation-offload")
+    if opt.cpu_offload:
+        flags.append("--cpu-offload")
+    if not opt.reshard_after_forward:
+        flags.append("--no-reshard-after-forward")
+    return " ".join(flags)
+
+
+def format_plan(plan: Plan, gpu_bytes: int, title: str = "") -> str:
+    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    o = plan.options
+    lines = [title or "memory plan",
+             f"  world size {o.world_size}, context {o.context_length}, batch {o.batch_size}, LoRA r={o.lora_rank}",
+             f"  options: {describe_options(o)}", "  per GPU:"]
+    lines += [f"    {name:<18}{gib(value)}" for name, value in plan.parts.items()]
+    lines.append(f"    {'= peak allocated':<18}{gib(plan.peak)}")
+    lines.append(f"    {'+ overhead':<18}{gib(plan.needed() - plan.peak)}  (CUDA context, workspaces, "
+                 f"{FRAGMENTATION:.0%} fragmentation)")
+    verdict = "fits" if plan.fits(gpu_bytes) else "does NOT fit"
+    lines.append(f"    {'= needed':<18}{gib(plan.needed())}  -> {verdict} in {gpu_bytes / GIB:.1f} GiB")
+    if plan.host:
+        lines.append("  host memory per rank: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in plan.host.items()))
+    return "\n".join(lines)
+
+
+def gpu_bytes_for(cfg_gib: float, device=None) -> int:
+    if cfg_gib > 0:
+        return int(cfg_gib * GIB)
+    import torch
+
+    if device is not None and getattr(device, "type", None) == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return 24 * GIB
+
+
+def advice(config: dict[str, Any], opt: Options, gpu_bytes: int) -> str:
+    plan, _ = auto_plan(config, opt, gpu_bytes)
+    if plan is None:
+        return "no combination of options fits: use more GPUs (--world-size) or a shorter --context-length/--batch-size"
+    return f"try: {describe_options(plan.options)} (predicted {plan.needed() / GIB:.1f} GiB per GPU)"
+
+
+def report_plan(cfg, world_size: int, nodes: int | None = None, auto: bool = False) -> int:
+    """Print the plan for a TrainConfig on `world_size` ranks (`train.py --plan`, tools/plan_memory.py);
+    with `auto`, also the cheapest options that fit. Under HSDP a parameter is sharded over one
+    node's ranks only, so that is the planner's world. Returns an exit code (1: nothing fits)."""
+    from fsdp_qlora.distributed.sharding import resolve_layout
+
+    environ = None if nodes is None else {"LOCAL_WORLD_SIZE": str(max(1, world_size // nodes))}
+    layout = resolve_layout(cfg.sharding, world_size, cfg.replicate_groups, environ)
+    config = load_model_config(cfg.model)
+    opt = Options.from_train_config(cfg, layout.shard)
+    gpu = gpu_bytes_for(cfg.gpu_memory_gib)
+    plan = plan_memory(config, opt)
+    print(format_plan(plan, gpu, f"memory plan for {cfg.model} ({layout.strategy}, {world_size} ranks)"))
+    if auto:
+        best, slowdown = auto_plan(config, opt, gpu)
+        if best is None:
+            print("auto: " + advice(config, opt, gpu))
+            return 1
+        print(format_plan(best, gpu, f"auto: cheapest fitting options (~{slowdown:.2f}x step time)"))
+    elif not plan.fits(gpu):
+        print("  " + advice(config, opt, gpu))
+    return 0
+
+
+def warn_if_plan_does_not_fit(cfg, model_dir, shard_ranks: int, device) -> None:
+    """Before loading weights on a GPU: warn, with the plan's advice, when the settings won't fit.
+    `shard_ranks`: the ranks one parameter is split over (the mesh's dp_shard size)."""
+    if getattr(device, "type", None) != "cuda" and cfg.gpu_memory_gib <= 0:
+        return  # CPU training: no GPU memory to plan for (pass --gpu-memory-gib to check one anyway)
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        opt = Options.from_train_config(cfg, shard_ranks)
+        gpu = gpu_bytes_for(cfg.gpu_memory_gib, device)
+        plan = plan_memory(config, opt)
+    except (KeyError, ValueError, OSError) as err:  # an architecture the planner does not model
+        print(f"warning: no memory plan for this model ({type(err).__name__}: {err})", flush=True)
+        return
+    if not plan.fits(gpu):
+        print(f"warning: these settings need about {plan.needed() / GIB:.1f} GiB per GPU, more than the "
+              f"{gpu / GIB:.1f} GiB available; {advice(config, opt, gpu)} (details: train.py --plan)", flush=True)
