@@ -16,6 +16,11 @@ from fsdp_qlora.train.signals import TrainingInterrupted
 def main() -> int:
     try:
         cfg = parse_config(prog="train.py")
+        if cfg.plan:  # a dry run: the memory plan from the model config alone, no weights loaded
+            from fsdp_qlora.train.planner import report_plan
+
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            return report_plan(cfg, world_size) if os.environ.get("RANK", "0") == "0" else 0
         from fsdp_qlora.train.loop import train  # heavy imports only once the flags are valid
 
         run_dir = train(cfg)

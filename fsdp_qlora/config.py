@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -35,7 +36,13 @@ def _opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
     return field(default=default, metadata=metadata, **kw)
 
 
-TRAIN_TYPES = ("qlora",)
+TRAIN_TYPES = ("qlora", "qdora", "lora", "dora")
+QUANTIZED_TRAIN_TYPES = ("qlora", "qdora")  # NF4 base; lora/dora keep the base in bf16
+DORA_TRAIN_TYPES = ("qdora", "dora")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+SHARDING_TYPES = ("auto", "fsdp", "hsdp", "ddp")
+DATASET_FORMATS = ("auto", "instruction", "chat", "text")
+TRUNCATION_MODES = ("truncate", "drop")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -43,16 +50,50 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 class TrainConfig:
     # -- model and data --
     model: str = _opt("tiny-llama", "model alias (see docs), hub id, or local directory with config.json + *.safetensors")
-    dataset: str = _opt("sample", "'sample' (bundled), a local .json/.jsonl file, or a hub dataset id")
+    dataset: str = _opt("sample", "'sample' (bundled), a local .json/.jsonl/.parquet/.csv/.txt file, a directory "
+                        "saved with datasets' save_to_disk, or a hub dataset id (docs/data.md)")
+    dataset_config: str = _opt("", "hub dataset config (subset) name, e.g. 'main'")
+    dataset_split: str = _opt("train", "split to train on (hub datasets and save_to_disk directories)")
+    dataset_format: str = _opt("auto", "instruction: alpaca-style columns; chat: a list of role/content messages "
+                               "rendered with the tokenizer's chat template, loss on assistant turns; text: raw text, "
+                               "loss on all of it; auto: from the columns", choices=DATASET_FORMATS)
+    instruction_column: str = _opt("instruction", "instruction format: the instruction column")
+    input_column: str = _opt("input", "instruction format: the optional input column")
+    output_column: str = _opt("output", "instruction format: the response column (the only one with loss)")
+    messages_column: str = _opt("messages", "chat format: the column holding the list of {role, content} messages")
+    text_column: str = _opt("text", "text format: the column of raw text")
+    dataset_streaming: bool = _opt(False, "stream the dataset instead of downloading and caching it whole "
+                                   "(needs --max-steps; tokenized on the fly by each rank)")
+    dataset_num_proc: int = _opt(0, "processes that tokenize (datasets' num_proc); 0 = the main process only")
+    truncation: str = _opt("truncate", "examples longer than --context-length: truncate them or drop them "
+                           "(counted and reported either way)", choices=TRUNCATION_MODES)
+    packing: bool = _opt(False, "pack several examples per --context-length sequence, attention and positions "
+                         "restricted to each example (docs/data.md)")
+    group_by_length: bool = _opt(False, "without --packing: batch examples of similar length together "
+                                 "(less padding), batches still in a seeded random order")
+    eval_split: str = _opt("", "split to evaluate on (e.g. 'test'); exclusive with --eval-fraction")
+    eval_fraction: float = _opt(0.0, "hold out this fraction of the training split (seeded) for evaluation")
+    eval_every: int = _opt(0, "evaluate every N optimizer steps (and at the end); 0 = at the end only, "
+                           "when there is an eval set")
+    eval_batch_size: int = _opt(0, "sequences per rank per eval forward; 0 = --batch-size")
     output_dir: str = _opt("", "run directory; default runs/<model>-<timestamp>")
     model_cache_dir: str = _opt("", "where generated/downloaded models live; default $FSDP_QLORA_CACHE or ~/.cache/fsdp_qlora")
     trust_remote_code: bool = _opt(False, "allow model code from the hub (off unless you ask)")
     # -- adapter --
-    train_type: str = _opt("qlora", "qlora: NF4 base + LoRA", choices=TRAIN_TYPES)
+    train_type: str = _opt("qlora", "qlora: NF4 base + LoRA; qdora: NF4 base + DoRA; lora / dora: bf16 base "
+                           "(no quantization) + LoRA / DoRA (docs/adapters.md)", choices=TRAIN_TYPES)
     lora_rank: int = _opt(8, "LoRA rank r")
-    lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/r")
+    lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora)")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     lora_target_modules: list[str] = _opt(DEFAULT_TARGET_MODULES, "linear layers (last name component) that get adapters")
+    lora_target_regex: str = _opt("", "regex the full module name must match (e.g. 'model\\.layers\\.\\d+\\.mlp\\..*_proj'); "
+                                  "replaces --lora-target-modules when set")
+    lora_rank_pattern: list[str] = _opt([], "per-module rank overrides PATTERN=R, PATTERN a regex matching the end of "
+                                       "the module name (PEFT's rank_pattern), e.g. down_proj=16")
+    lora_alpha_pattern: list[str] = _opt([], "per-module alpha overrides PATTERN=ALPHA (PEFT's alpha_pattern)")
+    use_rslora: bool = _opt(False, "rank-stabilized LoRA: scale the update by alpha/sqrt(r) instead of alpha/r")
+    loraplus_lr_ratio: float = _opt(1.0, "LoRA+: lora_B (and DoRA's magnitude) learn at --lr times this; 1 = off "
+                                    "(the LoRA+ paper suggests 16)")
     # -- batch and schedule --
     batch_size: int = _opt(4, "sequences per rank per micro-step")
     grad_accum_steps: int = _opt(1, "micro-steps per optimizer step")
@@ -73,10 +114,39 @@ class TrainConfig:
     async_save: bool = _opt(False, "write checkpoints in the background (DCP async_save) while training goes on")
     max_bad_steps: int = _opt(5, "abort (saving the last good state) after this many non-finite losses in a row")
     collective_timeout_s: float = _opt(600.0, "seconds before a hung collective (e.g. a dead rank) fails the job")
+    # -- memory (docs/memory.md) --
+    optimizer: str = _opt("adamw", "adamw (torch, fp32 state), adamw8bit (bitsandbytes, 8-bit blockwise state), "
+                          "paged_adamw / paged_adamw8bit (bitsandbytes, state in CUDA unified memory; GPU only)",
+                          choices=OPTIMIZERS)
+    min_8bit_size: int = _opt(4096, "8-bit optimizers: parameters with fewer elements (or whose shards are not whole "
+                              "256-element blocks) keep 32-bit state, as in bitsandbytes")
+    loss_chunk_tokens: int = _opt(1024, "compute lm_head + cross-entropy this many tokens at a time, recomputed in "
+                                  "backward, so the full fp32 logits never exist; 0 = all logits at once")
+    activation_checkpointing: bool = _opt(False, "recompute decoder layers in backward instead of keeping their "
+                                          "activations (non-reentrant checkpointing)")
+    activation_checkpointing_every: int = _opt(1, "with --activation-checkpointing: checkpoint every N-th layer "
+                                               "(1 = all; 2 = half the layers, less recomputation)")
+    activation_offload: bool = _opt(False, "keep what the decoder layers save for backward in pinned host memory: "
+                                    "a checkpointed layer's input, everything a non-checkpointed layer saves")
+    cpu_offload: bool = _opt(False, "FSDP2 CPUOffloadPolicy: sharded params, grads and optimizer state in host "
+                             "memory, copied to the GPU per layer (CUDA only)")
+    reshard_after_forward: bool = _opt(True, "free each layer's all-gathered weights after its forward (and gather "
+                                       "again in backward); --no-reshard-after-forward trades memory for speed")
+    plan: bool = _opt(False, "print the per-GPU memory plan for these settings and exit without loading weights")
+    gpu_memory_gib: float = _opt(0.0, "GPU memory per device for --plan and the fit warning; 0 = the device's own "
+                                 "(24 on a machine without a GPU)")
+    # -- multi-GPU and multi-node (docs/multinode.md) --
+    sharding: str = _opt("auto", "fsdp: shard over all ranks; hsdp: shard within a node, replicate across nodes; "
+                         "ddp: full NF4 base on every rank, all-reduce adapter grads; auto: hsdp on >1 node, else fsdp",
+                         choices=SHARDING_TYPES)
+    replicate_groups: int = _opt(0, "hsdp replica groups (the dp_replicate size); 0 = one per node, from "
+                                 "WORLD_SIZE/LOCAL_WORLD_SIZE or SLURM_NNODES")
+    rdzv_timeout_s: float = _opt(300.0, "seconds to wait for every rank at MASTER_ADDR:MASTER_PORT when ranks are "
+                                 "started without torchrun (launch.slurm_env); torchrun uses its own --rdzv-conf")
 
     def validate(self) -> "TrainConfig":
         positive = ("lora_rank", "batch_size", "grad_accum_steps", "context_length", "num_epochs", "log_every",
-                    "keep_last", "max_bad_steps", "collective_timeout_s")
+                    "keep_last", "max_bad_steps", "collective_timeout_s", "rdzv_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -86,17 +156,92 @@ class TrainConfig:
             raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.save_every < 0:
             raise ConfigError(f"--save-every must be >= 0 (0 = save at the end only), got {self.save_every}")
+        if self.replicate_groups < 0:
+            raise ConfigError(f"--replicate-groups must be >= 0 (0 = one per node), got {self.replicate_groups}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.activation_checkpointing_every <= 0:
+            raise ConfigError("--activation-checkpointing-every must be positive (1 = every layer), "
+                              f"got {self.activation_checkpointing_every}")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"--loss-chunk-tokens must be >= 0 (0 = unchunked), got {self.loss_chunk_tokens}")
+        if self.gpu_memory_gib < 0:
+            raise ConfigError(f"--gpu-memory-gib must be >= 0 (0 = the device's), got {self.gpu_memory_gib}")
         if not self.lora_target_modules:
             raise ConfigError("--lora-target-modules is empty: name at least one linear layer, e.g. q_proj")
+        _validate_data_options(self)
+        _validate_memory_options(self)
+        if self.loraplus_lr_ratio <= 0:
+            raise ConfigError(f"--loraplus-lr-ratio must be positive (1 = off), got {self.loraplus_lr_ratio}")
+        for name, pattern in [("lora-target-regex", self.lora_target_regex),
+                              *[("lora-rank-pattern", key) for key in self.rank_pattern()],
+                              *[("lora-alpha-pattern", key) for key in self.alpha_pattern()]]:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"--{name} {pattern!r} is not a valid regex ({err}): fix or quote it") from None
         return self
+
+    def adapter_targets(self) -> list[str] | str:
+        """PEFT's `target_modules`: the regex when given (a str), else the list of names."""
+        return self.lora_target_regex or list(self.lora_target_modules)
+
+    def rank_pattern(self) -> dict[str, int]:
+        return _patterns("lora-rank-pattern", self.lora_rank_pattern, int)
+
+    def alpha_pattern(self) -> dict[str, float]:
+        return _patterns("lora-alpha-pattern", self.lora_alpha_pattern, float)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _validate_data_options(cfg: TrainConfig) -> None:
+    """The data flags that can be checked without reading the data (docs/data.md)."""
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ConfigError(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.eval_split and cfg.eval_fraction:
+        raise ConfigError("--eval-split and --eval-fraction both given: choose one eval set")
+    if cfg.eval_every < 0 or cfg.eval_batch_size < 0 or cfg.dataset_num_proc < 0:
+        raise ConfigError("--eval-every, --eval-batch-size and --dataset-num-proc must be >= 0")
+    if cfg.eval_every and not (cfg.eval_split or cfg.eval_fraction):
+        raise ConfigError(f"--eval-every {cfg.eval_every} needs an eval set: pass --eval-split or --eval-fraction")
+    if cfg.dataset_streaming and cfg.max_steps == -1:
+        raise ConfigError("--dataset-streaming has no known epoch length: set --max-steps")
+    if cfg.dataset_streaming and cfg.eval_fraction:
+        raise ConfigError("--eval-fraction cannot hold out part of a stream: use --eval-split with --dataset-streaming")
+    if cfg.packing and cfg.group_by_length:
+        raise ConfigError("--group-by-length has no effect with --packing (packed rows are all about "
+                          "--context-length long): drop one of them")
+
+
+def _validate_memory_options(cfg: TrainConfig) -> None:
+    """Combinations that cannot do what they say (device-dependent ones: train/memory.py)."""
+    if cfg.activation_checkpointing_every != 1 and not cfg.activation_checkpointing:
+        raise ConfigError(f"--activation-checkpointing-every {cfg.activation_checkpointing_every} does nothing "
+                          "without --activation-checkpointing: add it, or drop the option")
+    if cfg.dataset_streaming and cfg.group_by_length:
+        raise ConfigError("--group-by-length needs every example's length up front, which a stream does not "
+                          "have: drop --group-by-length or --dataset-streaming")
+
+
+def _patterns(flag: str, items: list[str], value_type: type) -> dict:
+    """["down_proj=16", ...] -> {"down_proj": 16}, in the given order (PEFT: first match wins)."""
+    result = {}
+    for item in items:
+        pattern, sep, value = item.rpartition("=")
+        try:
+            number = value_type(value)
+            if not sep or not pattern or number <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--{flag} entry {item!r} is not PATTERN=VALUE with a positive "
+                              f"{value_type.__name__}: e.g. down_proj=16") from None
+        result[pattern] = number
+    return result
 
 
 def _flag(name: str) -> str:

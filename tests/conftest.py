@@ -34,6 +34,15 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, env: dict | None = 
     return proc
 
 
+def train_metrics(run_dir: Path, cache: Path, *args: str, nproc: int = 2, timeout: float = 300) -> list[dict]:
+    """A real `torchrun train.py` with these flags into run_dir; its metrics.jsonl rows."""
+    import json
+
+    run_torchrun(REPO / "train.py", nproc, "--output-dir", str(run_dir), *args, env=subprocess_env(cache),
+                 timeout=timeout)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def run_python(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env or subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)

@@ -152,7 +152,7 @@ def test_resume_at_another_world_size(baseline, tmp_path, cache, before, after):
     (same LR schedule, loss level of the uninterrupted run), not restart."""
     run_dir = tmp_path / "run"
     batch = lambda n: ["--batch-size", str(8 // n)]  # the same global batch of 8 sequences
-    assert _run(before, run_dir, cache, *batch(before), faults=f"kill_rank_during_save=0@12").returncode != 0
+    assert _run(before, run_dir, cache, *batch(before), faults="kill_rank_during_save=0@12").returncode != 0
     assert _latest_step(run_dir) == 8
     resumed = _ok(_run(after, run_dir, cache, *batch(after)))
     assert "step-00000008" in resumed.stdout
@@ -243,3 +243,13 @@ def test_too_many_non_finite_steps_abort_with_the_last_good_state(tmp_path, cach
     # Steps 6 and 7 were skipped (counted, no update), step 8 aborts before counting.
     assert "3 non-finite steps in a row; checkpoint saved at step 7 with the last good weights (step 5)" in proc.stderr
     assert _latest_step(run_dir) == 7
+
+
+def test_resume_with_another_optimizer_or_rank_is_refused(baseline, tmp_path, cache):
+    run_dir = tmp_path / "run"
+    shutil.copytree(baseline, run_dir)
+    for flags, needle in ((["--optimizer", "adamw8bit"], "optimizer='adamw'"), (["--lora-rank", "4"], "lora_rank=8")):
+        proc = _run(2, run_dir, cache, *flags, "--max-steps", str(STEPS + 4))
+        assert proc.returncode != 0
+        assert f"was saved with {needle}" in proc.stderr and "--resume none" in proc.stderr
+    assert _trajectory(run_dir) == _trajectory(baseline)

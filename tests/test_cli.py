@@ -45,6 +45,11 @@ def test_config_yaml_round_trips(tmp_path):
     (["--lora-rank", "0"], "--lora-rank must be positive"),
     (["--max-steps", "0"], "--max-steps must be positive or -1"),
     (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    (["--activation-checkpointing-every", "2"], "--activation-checkpointing-every 2 does nothing without "
+                                                "--activation-checkpointing"),
+    (["--dataset-streaming", "--max-steps", "5", "--group-by-length"], "--group-by-length needs every example's"),
+    (["--packing", "--group-by-length"], "--group-by-length has no effect with --packing"),
+    (["--eval-every", "5"], "--eval-every 5 needs an eval set"),
 ])
 def test_invalid_values(argv, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

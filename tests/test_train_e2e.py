@@ -14,7 +14,12 @@ from fsdp_qlora.model.sources import resolve_model
 from tests.conftest import REPO, run_python, run_torchrun, subprocess_env
 
 STEPS = 30
+EVAL_EVERY = 15
 SCALARS = ("loss", "lr", "grad_norm", "tokens_per_sec")
+# Every TensorBoard tag the docs list (README "Monitoring"); memory/* is host RSS on CPU, GPU memory on CUDA.
+TENSORBOARD_TAGS = {"train/loss": STEPS, "train/lr": STEPS, "train/grad_norm": STEPS, "train/tokens_per_sec": STEPS,
+                    "train/mfu": STEPS, "memory/host_rss_gib": STEPS, "eval/loss": 2, "eval/perplexity": 2,
+                    "checkpoint/saved_step": 1, "data/efficiency": 1}
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +29,14 @@ def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "qlora"
     env = subprocess_env(cache)
     run_torchrun(REPO / "train.py", 2, "--max-steps", str(STEPS), "--output-dir", str(run_dir),
-                 "--lora-dropout", "0.05", env=env)
+                 "--lora-dropout", "0.05", "--eval-fraction", "0.05", "--eval-every", str(EVAL_EVERY), env=env)
     return run_dir, cache
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run_dir: Path, kind: str = "loss") -> list[dict]:
+    """metrics.jsonl rows holding `kind`: train steps ("loss") or evaluations ("eval_loss")."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if kind in r]
 
 
 def test_loss_falls_and_metrics_are_written(trained_run):
@@ -51,11 +58,13 @@ def test_tensorboard_holds_the_same_scalars(trained_run):
     events.Reload()
     tags = events.Tags()["scalars"]
     losses = {r["step"]: r["loss"] for r in _metrics(run_dir)}
-    for name in SCALARS:
-        assert f"train/{name}" in tags
-        assert len(events.Scalars(f"train/{name}")) == STEPS
+    assert {tag: len(events.Scalars(tag)) for tag in TENSORBOARD_TAGS if tag in tags} == TENSORBOARD_TAGS
     for event in events.Scalars("train/loss"):
         assert event.value == pytest.approx(losses[event.step], rel=1e-6)
+    evals = _metrics(run_dir, "eval_loss")
+    assert [r["step"] for r in evals] == [EVAL_EVERY, STEPS]
+    assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx([r["eval_loss"] for r in evals])
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the held-out loss falls too
     assert all(0 < e.value < 1 for e in events.Scalars("train/mfu"))
     assert all(e.value > 0.1 for e in events.Scalars("memory/host_rss_gib"))  # CPU: host RSS in GiB
     assert [e.value for e in events.Scalars("checkpoint/saved_step")] == [STEPS]

@@ -196,11 +196,19 @@ class CheckpointManager:
                 print(f"warning: skipping checkpoint {candidate}: {problem}", flush=True)
         return None
 
-    def load(self, path: Path, model, optimizer, base_model_id: str) -> TrainerState:
+    def load(self, path: Path, model, optimizer, base_model_id: str, must_match: dict[str, Any]) -> TrainerState:
+        """Restore a checkpoint. `must_match`: settings that shape the saved tensors (optimizer,
+        adapter type and rank, targets); a resume that changes one is refused up front."""
         problem = checkpoint_problem(path)
         if problem:
             raise ConfigError(f"cannot resume from {path}: {problem}")
         state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+        for key, value in must_match.items():
+            saved = state.config.get(key, value)
+            if saved != value:
+                raise ConfigError(f"checkpoint {path} was saved with {key}={saved!r}, this run has {value!r}: "
+                                  f"resume with the same --{key.replace('_', '-')}, or start fresh (--resume none "
+                                  "or a new --output-dir)")
         if state.base_model_id != base_model_id:
             raise ConfigError(f"checkpoint {path} was trained on another base model "
                               f"(id {state.base_model_id}, this one is {base_model_id}): pass the original "

@@ -12,7 +12,8 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 class MetricsLogger:
     """Writes `metrics.jsonl` and `tensorboard/` under the run directory (main rank only).
 
-    TensorBoard tags are ``<prefix>/<name>`` (``train/loss``, ``train/lr``, ...) unless the name
+    TensorBoard tags are ``<prefix>/<name>`` (``train/loss``, ``train/lr``, ...), with a name's own
+    ``<prefix>_`` dropped (``eval_loss`` under prefix ``eval`` is ``eval/loss``), unless the name
     carries its own group (``memory/host_rss_gib``); the JSON keys are the names plus ``step``.
     """
 
@@ -32,7 +33,8 @@ class MetricsLogger:
         if jsonl:
             self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         for name, value in scalars.items():
-            self._tb.add_scalar(name if "/" in name else f"{prefix}/{name}", value, step)
+            tag = name if "/" in name else f"{prefix}/{name.removeprefix(prefix + '_')}"
+            self._tb.add_scalar(tag, value, step)
 
     def log_hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
         """The run's settings in TensorBoard's HPARAMS tab, in this same event file."""

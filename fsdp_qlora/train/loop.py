@@ -9,37 +9,46 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer
 
 from fsdp_qlora import faults
 from fsdp_qlora.checkpoint.manager import CheckpointManager, TrainerState, base_model_identity, resolve_resume
 from fsdp_qlora.config import ConfigError, TrainConfig
-from fsdp_qlora.data.sft import IGNORE_INDEX, build_dataloader, load_instruction_dataset
+from fsdp_qlora.data.pipeline import build_train_data
+from fsdp_qlora.data.sft import IGNORE_INDEX
 from fsdp_qlora.distributed.env import DistEnv, broadcast_object, init_distributed, shutdown
-from fsdp_qlora.distributed.sharding import build_mesh
+from fsdp_qlora.distributed.sharding import build_mesh, shard_size
 from fsdp_qlora.metrics.logger import MetricsLogger
 from fsdp_qlora.metrics.progress import Progress
 from fsdp_qlora.metrics.system import flops_per_token, memory_scalars, peak_tflops
 from fsdp_qlora.model.loader import build_qlora_model
 from fsdp_qlora.model.sources import resolve_model
 from fsdp_qlora.peft.export import export_trained_adapter
+from fsdp_qlora.peft.lora import adapter_param_groups
+from fsdp_qlora.train.evaluate import evaluate
+from fsdp_qlora.train.loss import token_loss_sum
+from fsdp_qlora.train.memory import check_device_options
 from fsdp_qlora.train.optim import build_optimizer, build_scheduler
+from fsdp_qlora.train.planner import warn_if_plan_does_not_fit
 from fsdp_qlora.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, PreemptionFlag, TrainingInterrupted
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run one training job; returns the run directory. Every rank calls this."""
     model_dir = resolve_model(cfg.model, cfg.model_cache_dir)  # validates before any weight loads
-    env = init_distributed(timeout_s=cfg.collective_timeout_s)
+    env = init_distributed(timeout_s=cfg.collective_timeout_s, rdzv_timeout_s=cfg.rdzv_timeout_s)
     try:
+        check_device_options(cfg, env.device)  # e.g. --cpu-offload without a GPU: fail before any work
         run_dir = _prepare_run_dir(cfg, env)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        dataset = load_instruction_dataset(cfg.dataset)
-        mesh = build_mesh(env)
+        # tokenized once (rank 0, then per node) and cached; data errors surface before weights load
+        data = build_train_data(cfg, tokenizer, env.rank, env.world_size, env.is_main, env.local_rank)
+        mesh = build_mesh(env, cfg.sharding, cfg.replicate_groups)  # fsdp | hsdp | ddp
+        if env.is_main:
+            warn_if_plan_does_not_fit(cfg, model_dir, shard_size(mesh), env.device)  # before loading weights
         model = build_qlora_model(model_dir, cfg, env, mesh)
-        _train_loop(model, tokenizer, dataset, cfg, env, run_dir, model_dir)
+        _train_loop(model, data, cfg, env, run_dir, model_dir)
         _export_adapter(model, cfg, env, model_dir, run_dir / "adapter")
         return run_dir
     finally:
@@ -64,45 +73,14 @@ def _prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
     return run_dir
 
 
-def _micro_batches(dataset, tokenizer, cfg: TrainConfig, env: DistEnv, skip: int = 0):
-    """Endless stream of this rank's micro-batches, reshuffled (seeded) every epoch,
-    starting after the first `skip` (the position a resumed run had reached)."""
-    per_epoch = _micro_batches_per_epoch(dataset, tokenizer, cfg, env)
-    epoch, offset = divmod(skip, per_epoch)
-    while True:
-        loader = build_dataloader(dataset, tokenizer, cfg.context_length, cfg.batch_size,
-                                  env.rank, env.world_size, cfg.seed, epoch=epoch)
-        for index, batch in enumerate(loader):
-            if index >= offset:
-                yield batch
-        epoch, offset = epoch + 1, 0
-
-
-def _micro_batches_per_epoch(dataset, tokenizer, cfg: TrainConfig, env: DistEnv) -> int:
-    loader = build_dataloader(dataset, tokenizer, cfg.context_length, cfg.batch_size,
-                              env.rank, env.world_size, cfg.seed, epoch=0)
-    if len(loader) < cfg.grad_accum_steps:
-        raise ConfigError(f"the dataset gives {len(loader)} micro-batches per rank, fewer than "
-                          f"--grad-accum-steps {cfg.grad_accum_steps}: lower --batch-size or --grad-accum-steps")
-    return len(loader)
-
-
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the labelled positions (fp32)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = batch["labels"][:, 1:]
-    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value)
     return value
 
 
-def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step: int) -> tuple[float, int]:
+def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step: int,
+                loss_chunk_tokens: int = 0) -> tuple[float, int]:
     """Forward/backward over the micro-batches; returns (mean token loss, global input tokens)."""
     # Normalize by the labelled tokens of the whole global batch, so the gradient is that
     # of the mean token loss however the tokens fall across ranks and micro-steps.
@@ -112,7 +90,7 @@ def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step:
     loss_sum = torch.zeros((), device=env.device)
     for i, batch in enumerate(micro):
         model.set_requires_gradient_sync(i == len(micro) - 1)
-        loss = token_loss_sum(model, batch)
+        loss = token_loss_sum(model, batch, loss_chunk_tokens)
         if faults.nan_loss_at(step):
             loss = loss * float("nan")
         (loss * env.world_size / global_label_tokens).backward()
@@ -122,11 +100,12 @@ def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step:
     return step_loss, int(input_tokens)
 
 
-def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_dir: Path, model_dir: Path) -> None:
+def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, model_dir: Path) -> None:
     adapter_params = [p for p in model.parameters() if p.requires_grad]
-    per_epoch = _micro_batches_per_epoch(dataset, tokenizer, cfg, env) // cfg.grad_accum_steps
+    per_epoch = data.steps_per_epoch  # None when streaming, which requires --max-steps
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * per_epoch
-    optimizer = build_optimizer(adapter_params, cfg)
+    # LoRA+ (--loraplus-lr-ratio) puts B in a group of its own with a higher LR.
+    optimizer = build_optimizer(adapter_param_groups(model, cfg.loraplus_lr_ratio, cfg.lr), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     checkpoints = CheckpointManager(run_dir, env.rank, cfg.keep_last, cfg.async_save)
     state = TrainerState(base_model_id=base_model_identity(model_dir), base_model_path=str(model_dir.resolve()),
@@ -135,16 +114,18 @@ def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_d
     state = _maybe_resume(cfg, env, checkpoints, model, optimizer, scheduler, state)
     metrics = MetricsLogger(run_dir, enabled=env.is_main, resume_step=state.step)
     metrics.log_hparams(cfg.to_dict(), {"train/loss": float("nan")})
+    metrics.log(state.step, data.scalars(), jsonl=False)  # data/efficiency (padding or packing), sizes
     progress = Progress(total_steps, state.step, enabled=env.is_main)
     model_flops_per_token, device_peak = flops_per_token(model, cfg.context_length), peak_tflops(env.device)
-    batches = _micro_batches(dataset, tokenizer, cfg, env, skip=state.micro_batches_consumed)
+    data.set_position(state.micro_batches_consumed)  # resumable sampler: epoch + micro-batches into it
+    batches = data.batches()
     preemption = PreemptionFlag()
     bad_steps = 0
     model.train()
     while state.step < total_steps:
         started = time.perf_counter()
         micro = [{k: v.to(env.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum_steps)]
-        step_loss, input_tokens = _train_step(model, micro, env, state.step + 1)
+        step_loss, input_tokens = _train_step(model, micro, env, state.step + 1, cfg.loss_chunk_tokens)
         grad_norm = _clip_grad_norm(adapter_params, cfg.max_grad_norm)
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
         if finite:
@@ -175,6 +156,12 @@ def _train_loop(model, tokenizer, dataset, cfg: TrainConfig, env: DistEnv, run_d
                        **{f"memory/{k}": v for k, v in memory_scalars(env.device).items()}}
             metrics.log(state.step, scalars)
             progress.update(state.step, scalars)
+        eval_due = state.step == total_steps or (cfg.eval_every and state.step % cfg.eval_every == 0)
+        if data.eval is not None and eval_due:
+            eval_scalars = evaluate(model, data.eval.batches(), env, cfg.loss_chunk_tokens)
+            metrics.log(state.step, eval_scalars, prefix="eval")
+            progress.message(f"step {state.step}: eval loss {eval_scalars['eval_loss']:.4f}, "
+                             f"perplexity {eval_scalars['eval_perplexity']:.2f}")
         if preemption.agreed():
             checkpoints.save(model, optimizer, state)
             checkpoints.wait()
@@ -192,7 +179,9 @@ def _maybe_resume(cfg, env, checkpoints, model, optimizer, scheduler, state: Tra
     path = resolve_resume(cfg.resume, checkpoints)
     if path is None:
         return state
-    loaded = checkpoints.load(path, model, optimizer, state.base_model_id)
+    shaping = ("train_type", "optimizer", "lora_rank", "lora_target_modules", "use_dora")
+    loaded = checkpoints.load(path, model, optimizer, state.base_model_id,
+                              must_match={k: v for k, v in cfg.to_dict().items() if k in shaping})
     scheduler.load_state_dict(loaded.scheduler)
     if loaded.world_size != env.world_size:
         # Another world size reshuffles the data: continue after the same number of examples.
