@@ -193,6 +193,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
+from fsdp_qlora.model.nf4 import quantize_nf4
+from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.peft.dora import init_dora_magnitudes
 from fsdp_qlora.peft.lora import apply_lora
 

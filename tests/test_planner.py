@@ -5,7 +5,8 @@ import json
 import pytest
 
 from fsdp_qlora.model.tiny_llama import TINY_LLAMA_CONFIG, generate_llama
-from fsdp_qlora.train.planner import GIB, KNOWN_CONFIGS, Options, auto_plan, plan_memory, static_bytes, Geometry
+from fsdp_qlora.train.planner import (GIB, KNOWN_CONFIGS, Geometry, Options, auto_plan, describe_options,
+                                      plan_memory, static_bytes)
 from tests.conftest import REPO, run_python, run_torchrun, subprocess_env
 
 WIDER = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2, "num_attention_heads": 8,
@@ -91,3 +92,13 @@ def test_every_model_alias_has_a_plan():
 
     for alias in ALIASES:
         assert plan_memory(load_model_config(alias), Options()).peak > 0, alias
+
+
+def test_auto_replicates_a_model_that_fits_one_gpu():
+    """--auto prefers --sharding ddp (no all-gathers) when the whole 4-bit base fits one GPU."""
+    config = KNOWN_CONFIGS["llama-3-8b"]
+    best, slowdown = auto_plan(config, Options(world_size=8, context_length=2048), 80 * GIB)
+    assert best.options.sharding == "ddp" and best.options.world_size == 1 and slowdown < 1
+    assert describe_options(best.options).startswith("--sharding ddp")
+    best, _ = auto_plan(KNOWN_CONFIGS["llama-70b"], Options(world_size=2, context_length=2048), 24 * GIB)
+    assert best.options.sharding == "fsdp" and best.options.world_size == 2  # 35 GB of NF4 fits no 24 GB card
