@@ -6,8 +6,7 @@ import json
 import pytest
 
 from fsdp_qlora.config import parse_config
-from fsdp_qlora.distributed.sharding import resolve_layout
-from fsdp_qlora.train.planner import GIB, Options, load_model_config, plan_memory
+from fsdp_qlora.train.planner import GIB, plan_train_config
 from tests.conftest import REPO, run_python, run_torchrun, subprocess_env
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
@@ -25,8 +24,7 @@ def test_recipe_validates_and_fits_its_hardware(recipe):
     if HARDWARE[recipe.stem] is None:
         return
     ranks, nodes, gib = HARDWARE[recipe.stem]
-    shard = resolve_layout(cfg.sharding, ranks, cfg.replicate_groups, {"LOCAL_WORLD_SIZE": str(ranks // nodes)}).shard
-    plan = plan_memory(load_model_config(cfg.model), Options.from_train_config(cfg, shard))
+    _, plan = plan_train_config(cfg, ranks, nodes)
     assert plan.fits(gib * GIB), f"{recipe.name}: needs {plan.needed() / GIB:.1f} GiB per GPU"
     assert not plan.options.cpu_offload  # the recipes keep the weights on the GPUs
 

@@ -179,7 +179,7 @@ def _maybe_resume(cfg, env, checkpoints, model, optimizer, scheduler, state: Tra
     path = resolve_resume(cfg.resume, checkpoints)
     if path is None:
         return state
-    shaping = ("train_type", "optimizer", "lora_rank", "lora_target_modules", "use_dora")
+    shaping = ("train_type", "optimizer", "lora_rank", "lora_target_modules")
     loaded = checkpoints.load(path, model, optimizer, state.base_model_id,
                               must_match={k: v for k, v in cfg.to_dict().items() if k in shaping})
     scheduler.load_state_dict(loaded.scheduler)

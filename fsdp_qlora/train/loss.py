@@ -32,6 +32,11 @@ from torch.utils.checkpoint import checkpoint
 from fsdp_qlora.data.sft import IGNORE_INDEX
 from fsdp_qlora.data.packing import model_inputs
 
+# With lm_head bypassed (`final_hidden_states`), the root returns Hugging Face's slice of the
+# hidden states, a view, and FSDP2 warns that an in-place op on it would drop its pre-backward
+# hook. The loss only slices it and uses out-of-place ops, so the warning is noise.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
 
 def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The reference: all logits at once, cast to fp32, one cross-entropy."""
@@ -47,12 +52,7 @@ def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     lm_head = model.get_output_embeddings()
     model.set_output_embeddings(nn.Identity())
     try:
-        with warnings.catch_warnings():
-            # Hugging Face slices the hidden states before lm_head, so the root returns a view and
-            # FSDP2 warns that an in-place op on it would drop its pre-backward hook. Nothing here
-            # modifies it in place (slices and out-of-place ops only), so the warning is noise.
-            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-            hidden = model(**model_inputs(batch)).logits
+        hidden = model(**model_inputs(batch)).logits
     finally:
         model.set_output_embeddings(lm_head)
     return hidden, lm_head

@@ -359,19 +359,25 @@ def advice(config: dict[str, Any], opt: Options, gpu_bytes: int) -> str:
     return f"try: {describe_options(plan.options)} (predicted {plan.needed() / GIB:.1f} GiB per GPU)"
 
 
-def report_plan(cfg, world_size: int, nodes: int | None = None, auto: bool = False) -> int:
-    """Print the plan for a TrainConfig on `world_size` ranks (`train.py --plan`, tools/plan_memory.py);
-    with `auto`, also the cheapest options that fit. Under HSDP a parameter is sharded over one
-    node's ranks only, so that is the planner's world. Returns an exit code (1: nothing fits)."""
+def plan_train_config(cfg, world_size: int, nodes: int | None = None) -> tuple[dict[str, Any], Plan]:
+    """(model config, plan) of a TrainConfig on `world_size` ranks over `nodes` (None: from the
+    environment, as in a launch). Under HSDP a parameter is sharded over one node's ranks only,
+    so that is the planner's world; `plan.options.sharding` is the resolved layout."""
     from fsdp_qlora.distributed.sharding import resolve_layout
 
     environ = None if nodes is None else {"LOCAL_WORLD_SIZE": str(max(1, world_size // nodes))}
     layout = resolve_layout(cfg.sharding, world_size, cfg.replicate_groups, environ)
     config = load_model_config(cfg.model)
-    opt = Options.from_train_config(cfg, layout.shard)
-    gpu = gpu_bytes_for(cfg.gpu_memory_gib)
-    plan = plan_memory(config, opt)
-    print(format_plan(plan, gpu, f"memory plan for {cfg.model} ({layout.strategy}, {world_size} ranks)"))
+    opt = dataclasses.replace(Options.from_train_config(cfg, layout.shard), sharding=layout.strategy)
+    return config, plan_memory(config, opt)
+
+
+def report_plan(cfg, world_size: int, nodes: int | None = None, auto: bool = False) -> int:
+    """Print the plan for a TrainConfig on `world_size` ranks (`train.py --plan`, tools/plan_memory.py);
+    with `auto`, also the cheapest options that fit. Returns an exit code (1: nothing fits)."""
+    config, plan = plan_train_config(cfg, world_size, nodes)
+    opt, gpu = plan.options, gpu_bytes_for(cfg.gpu_memory_gib)
+    print(format_plan(plan, gpu, f"memory plan for {cfg.model} ({opt.sharding}, {world_size} ranks)"))
     if auto:
         best, slowdown = auto_plan(config, opt, gpu)
         if best is None:
