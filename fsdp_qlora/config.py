@@ -79,6 +79,8 @@ class TrainConfig:
     output_dir: str = _opt("", "run directory; default runs/<model>-<timestamp>")
     model_cache_dir: str = _opt("", "where generated/downloaded models live; default $FSDP_QLORA_CACHE or ~/.cache/fsdp_qlora")
     trust_remote_code: bool = _opt(False, "allow model code from the hub (off unless you ask)")
+    load_workers: int = _opt(4, "threads per rank reading its slices of the safetensors shards in parallel "
+                             "(positioned reads, overlapped with quantization); 1 = one read at a time")
     # -- adapter --
     train_type: str = _opt("qlora", "qlora: NF4 base + LoRA; qdora: NF4 base + DoRA; lora / dora: bf16 base "
                            "(no quantization) + LoRA / DoRA (docs/adapters.md)", choices=TRAIN_TYPES)
@@ -146,7 +148,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         positive = ("lora_rank", "batch_size", "grad_accum_steps", "context_length", "num_epochs", "log_every",
-                    "keep_last", "max_bad_steps", "collective_timeout_s", "rdzv_timeout_s")
+                    "keep_last", "max_bad_steps", "collective_timeout_s", "rdzv_timeout_s", "load_workers")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")

@@ -101,6 +101,32 @@ def test_directory_without_config(tmp_path):
     _assert_one_line_error(_run_train("--model", str(tmp_path / "m"), cache=tmp_path), "no config.json")
 
 
+def test_checkpoint_not_matching_its_config(tmp_path):
+    """Found while loading, before any training: one error line naming the tensor and the fix
+    (after the data's progress bars: the data is prepared first). A truncated shard is the same
+    kind of error (ShardFormatError is a ConfigError; its messages: tests/test_shard_reader.py)."""
+    import shutil
+
+    from fsdp_qlora.model.tiny_llama import ensure_tiny_llama
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(ensure_tiny_llama(tmp_path / "cache"), mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "intermediate_size": 384}))
+    _assert_error_line(_run_train("--model", str(mismatched), "--output-dir", str(tmp_path / "run"),
+                                  cache=tmp_path / "cache"),
+                       "has shape (128, 256), the model's config.json gives (128, 384)", "does not match")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _assert_error_line(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("train.py: error: "), proc.stderr[-2000:]
+    assert all(needle in errors[0] for needle in needles), errors[0]
+    assert "Traceback" not in proc.stderr
+
+
 def test_finished_run_is_not_overwritten(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "adapter").mkdir(parents=True)

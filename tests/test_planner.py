@@ -102,3 +102,19 @@ def test_auto_replicates_a_model_that_fits_one_gpu():
     assert describe_options(best.options).startswith("--sharding ddp")
     best, _ = auto_plan(KNOWN_CONFIGS["llama-70b"], Options(world_size=2, context_length=2048), 24 * GIB)
     assert best.options.sharding == "fsdp" and best.options.world_size == 2  # 35 GB of NF4 fits no 24 GB card
+
+
+def test_only_lm_head_stays_gathered_and_the_embedding_gather_can_set_the_peak():
+    """The embeddings are their own FSDP unit (tests/test_sharding.py checks it on a real model):
+    the root keeps lm_head + the final norm gathered; a tied weight is counted once."""
+    config = KNOWN_CONFIGS["llama-3-70b"]
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    long = plan_memory(config, Options(context_length=8192, activation_checkpointing=True))
+    assert long.parts["root_unsharded"] == vocab * hidden * 2 + hidden * 2
+    assert "embeddings_at_forward_start" not in long.parts  # activations + logits are the higher moment
+    # At a short context with CPU offload the 2 GiB embedding gather is the peak moment.
+    short = plan_memory(config, Options(context_length=64, activation_checkpointing=True, cpu_offload=True))
+    assert short.parts["embeddings_at_forward_start"] >= vocab * hidden * 2
+    assert short.parts["activations"] == 0 and short.peak == sum(short.parts.values())
+    tied = plan_memory({**config, "tie_word_embeddings": True}, Options(context_length=64, cpu_offload=True))
+    assert "embeddings_at_forward_start" not in tied.parts and tied.parts["root_unsharded"] == vocab * hidden * 2 + hidden * 2

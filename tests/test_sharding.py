@@ -142,3 +142,21 @@ def test_ddp_2_matches_fsdp_2(tmp_path_factory, cache):
     assert "ddp (dp_replicate=2 x dp_shard=1)" in proc.stdout + proc.stderr
     fsdp, _ = _train(tmp_path_factory, cache, "fsdp2", 2, "--sharding", "fsdp")
     _close(ddp, fsdp)
+
+
+# ---- FSDP units: the embeddings are freed after the lookup ----------------------------------
+def test_embeddings_are_resharded_after_the_lookup(tmp_path):
+    """Untied: the embeddings are their own unit, sharded again while the layers run and in
+    backward, while lm_head (root) stays gathered. Tied: one weight, kept in the root."""
+    from fsdp_qlora.model.tiny_llama import generate_llama
+
+    models = {tied: generate_llama(tmp_path / f"tied-{tied}", {"tie_word_embeddings": tied}) for tied in (False, True)}
+    run_torchrun(REPO / "tests/workers/unit_gather_worker.py", 2, str(tmp_path / "seen.json"),
+                 *map(str, models.values()))
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    for tied, model in models.items():
+        for moment in ("forward", "backward"):
+            expected = {"embeddings_sharded": not tied, "lm_head_sharded": False}
+            assert seen[str(model)][moment] == expected, (tied, moment, seen)
+        # ~ln(1024) for a random model: a real loss, and the adapters got gradients
+        assert seen[str(model)]["loss"] == pytest.approx(7.0, abs=0.5) and seen[str(model)]["adapter_grads"] > 0

@@ -147,7 +147,7 @@ def _assert_resumed(slurm, job: str, run_dir: Path, log: str, steps: int) -> Non
 
 
 def test_sbatch_job_preempted_by_scontrol_requeue_resumes(slurm, job_env, tmp_path):
-    run_dir, steps = tmp_path / "run", 30
+    run_dir, steps = tmp_path / "run", 16  # preempted after step 3: 13 steps of margin
     job = _sbatch(slurm, job_env, tmp_path, ["--max-steps", str(steps), "--save-every", "50",
                                              "--output-dir", str(run_dir), *COMMON])
     _wait_for_steps(run_dir, 3)
@@ -158,7 +158,7 @@ def test_sbatch_job_preempted_by_scontrol_requeue_resumes(slurm, job_env, tmp_pa
 
 
 def test_submitit_job_preempted_by_usr1_requeues_itself(slurm, job_env, tmp_path):
-    run_dir, steps = tmp_path / "run", 30
+    run_dir, steps = tmp_path / "run", 16  # preempted after step 3: 13 steps of margin
     job = _submitit(job_env, tmp_path / "submitit", ["--max-steps", str(steps), "--save-every", "50",
                                                      "--output-dir", str(run_dir), *COMMON])
     _wait_for_steps(run_dir, 3)

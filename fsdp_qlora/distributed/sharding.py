@@ -142,14 +142,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.bfloat16,
                 fsdp_options: dict | None = None) -> nn.Module:
-    """`fully_shard` every decoder layer, then the root, on the 1-D (fsdp) or 2-D (hsdp, ddp) mesh.
+    """`fully_shard` the input embeddings, every decoder layer, then the root, on the mesh.
 
     Compute runs in `param_dtype` (the fp32 adapters are cast for the matmuls); gradients
     are reduced in fp32 so that averaging across ranks loses nothing.
+
+    The embeddings are their own unit so that their all-gathered weight (vocab x hidden: 0.5 GiB
+    on Llama-2-70B, 2 GiB on Llama-3's 128k vocabulary) is freed right after the lookup: they
+    are frozen and their input is token ids, so backward never needs them again. lm_head (with
+    the final norm) stays in the root, gathered from the end of forward through backward, when
+    the chunked loss uses it (train/loss.py). A tied lm_head shares the embedding's weight, so
+    then both stay in the root.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # fsdp_options: reshard_after_forward / offload_policy (fsdp_qlora.train.memory).
     options = dict(fsdp_options or {})
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not embeddings.weight:
+        fully_shard(embeddings, mesh=mesh, mp_policy=policy, **{**options, "reshard_after_forward": True})
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, **options)
     options.pop("reshard_after_forward", None)  # the root keeps FSDP2's own choice (no reshard: backward is next)

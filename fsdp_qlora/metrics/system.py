@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -24,6 +25,23 @@ def memory_scalars(device: torch.device) -> dict[str, float]:
                 "reserved_gib": torch.cuda.memory_reserved(device) / gib,
                 "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib}
     return {"host_rss_gib": psutil.Process().memory_info().rss / gib}
+
+
+def reset_peak_rss() -> int:
+    """Restart the kernel's high-water mark of this process at its current RSS, and return that.
+
+    ru_maxrss would not do: Linux carries it across fork+exec, so a child would report its
+    parent's peak. Linux only (/proc/self/clear_refs, VmHWM).
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """This process' RSS high-water mark (since start or `reset_peak_rss`), in bytes."""
+    status = Path("/proc/self/status").read_text()
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kib) * 1024
 
 
 def flops_per_token(model: nn.Module, context_length: int) -> float:

@@ -1,9 +1,10 @@
 """Build a QLoRA model on the meta device, shard it with FSDP2, then stream its weights in.
 
-No rank ever materializes the full bf16 model. Each safetensors file is memory-mapped in turn,
-and for every tensor a rank reads only the rows of dim 0 it will own under FSDP2 (a
-safetensors slice), quantizes them when the layer is NF4, and installs them as its local shard.
-Peak host memory is therefore about the rank's own part plus one tensor slice in flight.
+No rank ever materializes the full bf16 model. For every tensor a rank reads only the rows of
+dim 0 it will own under FSDP2 (one contiguous byte range of the file, read by parallel positioned
+reads: model/shard_reader.py), quantizes them when the layer is NF4, and installs them as its
+local shard, while the next slices are being read. Peak host memory is therefore about the
+rank's own part plus the read-ahead window (`READ_AHEAD_BYTES`, or one slice when larger).
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fsdp_qlora.config import DORA_TRAIN_TYPES, QUANTIZED_TRAIN_TYPES, TrainConfig
+from fsdp_qlora.config import DORA_TRAIN_TYPES, QUANTIZED_TRAIN_TYPES, ConfigError, TrainConfig
 from fsdp_qlora.distributed.env import DistEnv
 from fsdp_qlora.distributed.sharding import decoder_layers, shard_model, shard_size
-from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, quantize_nf4
+from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, NF4Tensor, nf4_bytes, quantize_nf4
 from fsdp_qlora.model.quantized_linear import NF4Linear
+from fsdp_qlora.model.shard_reader import RowRange, RowReader, read_ahead, read_index
 from fsdp_qlora.model.sources import safetensors_files
 from fsdp_qlora.peft.export import PEFT_KEY_PREFIX
 from fsdp_qlora.peft.dora import init_dora_magnitudes
@@ -32,6 +33,9 @@ from fsdp_qlora.peft.lora import LoRALinear, apply_lora, copy_full_into, init_lo
 from fsdp_qlora.train.memory import apply_activation_memory_options, fsdp_options
 
 COMPUTE_DTYPE = torch.bfloat16
+# Read-ahead per rank: enough for several 16 MiB reads in flight while a slice is quantized,
+# small next to a shard file (a 70B checkpoint's are ~10 GB) even with 8 ranks per node.
+READ_AHEAD_BYTES = 64 << 20
 
 
 def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> nn.Module:
@@ -48,7 +52,7 @@ def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> 
     _materialize_adapters(model, env.device, cfg.seed)
     apply_activation_memory_options(decoder_layers(model), cfg)  # checkpointing / offload (train/memory.py)
     shard_model(model, mesh, fsdp_options=fsdp_options(cfg))
-    load_base_weights(model, model_dir, env.device)
+    load_base_weights(model, model_dir, env.device, cfg.load_workers)
     init_dora_magnitudes(model)  # DoRA's m = row norms of the loaded base; each rank its own rows
     return model
 
@@ -79,7 +83,7 @@ def quantize_decoder_linears(model: nn.Module, shard_count: int) -> list[str]:
 def _check_quantizable(name: str, linear: nn.Linear, shard_count: int) -> None:
     rows, cols = linear.out_features, linear.in_features
     if rows % shard_count or (rows // shard_count) * cols % NF4_BLOCKSIZE or cols % 2:
-        raise ValueError(
+        raise ConfigError(
             f"{name} ({rows}x{cols}) cannot be split into {shard_count} NF4 shards: each shard "
             f"must hold whole rows and a multiple of {NF4_BLOCKSIZE} weights; use a world size that divides {rows}"
         )
@@ -128,35 +132,44 @@ def local_row_range(rows: int, mesh, placements=None) -> tuple[int, int]:
     return start, stop
 
 
-def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device) -> None:
+def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device, workers: int = 4) -> None:
+    """Install this rank's rows of every checkpoint tensor, read by `workers` threads."""
     targets = checkpoint_key_to_param(model)
-    loaded: set[str] = set()
-    with _large_allocations_via_mmap():
-        for file in safetensors_files(model_dir):
-            loaded |= _load_file(file, targets, device)
+    ranges = [_local_rows(entry, targets[name][0])
+              for file in safetensors_files(model_dir) for name, entry in read_index(file).items()
+              if name in targets]  # skips e.g. rotary caches some checkpoints carry
+    with _large_allocations_via_mmap(), RowReader(workers) as reader:
+        for rows, local_rows in read_ahead(ranges, reader, READ_AHEAD_BYTES):
+            for module, attr in targets[rows.entry.name]:
+                _install_local_rows(module, attr, local_rows, device)
+    loaded = {rows.entry.name for rows in ranges}
     _tie_missing(model, targets, loaded)
     missing = sorted(set(targets) - loaded)
     if missing:
-        raise ValueError(f"{model_dir} lacks weights for {', '.join(missing[:5])}"
+        raise ConfigError(f"{model_dir} lacks weights for {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}: the checkpoint does not match its config.json")
     _rebuild_rotary_buffers(model, device)
 
 
-def _load_file(file: Path, targets, device: torch.device) -> set[str]:
-    """Install this rank's rows of every tensor in one safetensors file.
+def local_weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds: its shards, NF4 weights with their constants."""
+    total = 0
+    for param in model.parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        total += nf4_bytes(local) if isinstance(local, NF4Tensor) else local.numel() * local.element_size()
+    return total
 
-    A function of its own so that the memory map and every slice handle die on return: pages
-    of a mapped file count as the process' memory for as long as the mapping lives.
-    """
-    loaded = set()
-    with safe_open(str(file), framework="pt", device="cpu") as reader:
-        for key in reader.keys():
-            if key not in targets:
-                continue  # e.g. rotary caches some checkpoints carry
-            for module, attr in targets[key]:
-                _install_local_rows(module, attr, reader.get_slice(key), device)
-            loaded.add(key)
-    return loaded
+
+def _local_rows(entry, holder: tuple[nn.Module, str]) -> RowRange:
+    module, attr = holder
+    param = getattr(module, attr)
+    assert isinstance(param, DTensor), "load_base_weights expects an FSDP2-sharded model"
+    quantized = isinstance(module, NF4Linear) and attr == "weight"  # stored packed: check the logical shape
+    expected = (module.out_features, module.in_features) if quantized else tuple(param.shape)
+    if expected != entry.shape:
+        raise ConfigError(f"{entry.file.name}: {entry.name} has shape {entry.shape}, the model's config.json "
+                         f"gives {expected}: the checkpoint does not match its config.json")
+    return RowRange(entry, *local_row_range(entry.rows, param.device_mesh, param.placements))
 
 
 @contextlib.contextmanager
@@ -183,20 +196,15 @@ def _large_allocations_via_mmap():
         getattr(libc, "malloc_trim", lambda _: 0)(0)
 
 
-def _install_local_rows(module: nn.Module, attr: str, tensor_slice, device: torch.device) -> None:
+def _install_local_rows(module: nn.Module, attr: str, rows: torch.Tensor, device: torch.device) -> None:
     param = getattr(module, attr)
-    assert isinstance(param, DTensor), "load_base_weights expects an FSDP2-sharded model"
-    mesh, placements = param.device_mesh, param.placements
-    full_rows = tensor_slice.get_shape()[0]
-    start, stop = local_row_range(full_rows, mesh, placements)
-    rows = tensor_slice[start:stop].to(device)
+    rows = rows.to(device)
     if isinstance(module, NF4Linear) and attr == "weight":
         local = quantize_nf4(rows.to(COMPUTE_DTYPE), COMPUTE_DTYPE)
     else:
-        # A safetensors slice may be a view of the memory-mapped file: copy it, or the
-        # parameter would pin the whole mapping (every shard's pages) in host memory.
-        local = rows.to(param.dtype, copy=True)
-    sharded = DTensor.from_local(local, mesh, placements, run_check=False, shape=param.shape, stride=param.stride())
+        local = rows.to(param.dtype)
+    sharded = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                 stride=param.stride())
     setattr(module, attr, nn.Parameter(sharded, requires_grad=False))
 
 

@@ -11,7 +11,7 @@ Two kinds of figures:
   embeddings, lm_head, norms), the fp32 LoRA parameters, their gradients and the optimizer state.
   tests/test_planner.py checks them against a real sharded model on several configs and world sizes.
 * **Dynamic, modelled**: all-gathered layer buffers (current + prefetched layer, plus the bf16
-  weight dequantized for one matmul), the root's all-gathered embeddings/lm_head (FSDP2 keeps the
+  weight dequantized for one matmul), the root's all-gathered lm_head (FSDP2 keeps the
   root unsharded from forward to the end of backward), activations per token and layer (bf16
   compute, Flash/memory-efficient attention on CUDA: no T x T scores), and the loss' logits. The
   per-token activation count is derived below from what autograd saves in a LoRA'd Llama layer.
@@ -248,7 +248,10 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     parts["layer_buffers"] = (gathered_layers * (layer_full + layer_adapter * 2)  # base + bf16 adapters
                               + biggest_bf16
                               + layer_adapter * 4)  # one layer's unsharded fp32 adapter grads
-    parts["root_unsharded"] = geo.vocab * geo.hidden * 2 * (1 if geo.tied else 2) + geo.hidden * 2
+    # The root (lm_head + final norm; the embedding too when tied) stays gathered from forward to
+    # the end of backward. Untied embeddings are their own unit, gathered only around the lookup.
+    parts["root_unsharded"] = geo.vocab * geo.hidden * 2 + geo.hidden * 2
+    embeddings_gathered = 0 if geo.tied else geo.vocab * geo.hidden * 2
     per_layer = activation_bytes_per_token_layer(geo, opt)
     boundary = 2 * geo.hidden  # a checkpointed layer keeps only its bf16 input
     checkpointed = (len(range(0, geo.layers, opt.activation_checkpointing_every))
@@ -265,6 +268,13 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     chunk = min(opt.loss_chunk_tokens or tokens, tokens)
     # hidden states (bf16) + per chunk: bf16 logits, fp32 logits, fp32 log-softmax, their gradients
     parts["logits_and_loss"] = tokens * 2 * geo.hidden + chunk * geo.vocab * (2 + 4 + 4 + 4 + 2)
+    # The other candidate peak, at the start of forward: the gathered embeddings (freed after the
+    # lookup) while the first layer is gathered, before any activation exists. With a large
+    # vocabulary and little activation memory (Llama-3, short context) it can be the higher one.
+    forward_start = embeddings_gathered + layer_full + layer_adapter * 2 + tokens * 2 * geo.hidden  # + their output
+    step_peak = parts["layer_buffers"] + parts["activations"] + parts["logits_and_loss"]
+    if forward_start > step_peak:
+        parts.update(layer_buffers=0, activations=0, logits_and_loss=0, embeddings_at_forward_start=forward_start)
     return Plan(parts, host, sum(parts.values()), opt)
 
 
