@@ -11,9 +11,11 @@ from tests.conftest import REPO, run_python, run_torchrun, subprocess_env
 
 WIDER = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2, "num_attention_heads": 8,
          "num_key_value_heads": 4, "vocab_size": 1536}
-# (config overrides, world size, optimizer, LoRA rank, min_8bit_size, train type)
-CASES = [({}, 1, "adamw", 8, 4096, "qlora"), ({}, 2, "adamw8bit", 8, 1, "qlora"), (WIDER, 2, "adamw", 16, 4096, "qlora"),
-         (WIDER, 4, "adamw8bit", 16, 1, "qlora"), (WIDER, 2, "adamw8bit", 8, 1, "qdora"), ({}, 2, "adamw", 8, 4096, "lora")]
+# (model, world size): cases "optimizer,LoRA rank,min_8bit_size,train type", one torchrun per row
+CASES = {("tiny", 1): ["adamw,8,4096,qlora"],
+         ("tiny", 2): ["adamw8bit,8,1,qlora", "adamw,8,4096,lora"],
+         ("wider", 2): ["adamw,16,4096,qlora", "adamw8bit,8,1,qdora"],
+         ("wider", 4): ["adamw8bit,16,1,qlora"]}
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +24,37 @@ def models(tmp_path_factory):
     return {"tiny": generate_llama(root / "tiny"), "wider": generate_llama(root / "wider", WIDER)}
 
 
-@pytest.mark.parametrize("overrides,world,optimizer,rank,min_8bit,train_type", CASES)
-def test_static_parts_equal_a_real_sharded_model(models, tmp_path, overrides, world, optimizer, rank, min_8bit,
-                                                 train_type):
-    model_dir = models["wider" if overrides else "tiny"]
+@pytest.mark.parametrize("model,world", CASES)
+def test_static_parts_equal_a_real_sharded_model(models, tmp_path, model, world):
     out = tmp_path / "bytes"
-    run_torchrun(REPO / "tests/workers/planner_bytes_worker.py", world, str(model_dir), str(out), optimizer,
-                 str(rank), str(min_8bit), train_type, timeout=300)
+    run_torchrun(REPO / "tests/workers/planner_bytes_worker.py", world, str(models[model]), str(out),
+                 *CASES[model, world], timeout=300)
     real = json.loads((tmp_path / "bytes.rank0").read_text())  # rank 0 holds the largest shards
-    opt = Options(world_size=world, lora_rank=rank, optimizer=optimizer, min_8bit_size=min_8bit, train_type=train_type)
-    planned = static_bytes(Geometry.from_config({**TINY_LLAMA_CONFIG, **overrides}), opt)
-    for part, value in real.items():
-        assert planned[part] == pytest.approx(value, rel=0.02), (part, planned[part], value)
+    for case, held in real.items():
+        optimizer, rank, min_8bit, train_type = case.split(",")
+        opt = Options(world_size=world, lora_rank=int(rank), optimizer=optimizer, min_8bit_size=int(min_8bit),
+                      train_type=train_type)
+        planned = static_bytes(Geometry.from_config({**TINY_LLAMA_CONFIG, **(WIDER if model == "wider" else {})}), opt)
+        for part, value in held.items():
+            assert planned[part] == pytest.approx(value, rel=0.02), (case, part, planned[part], value)
+
+
+# Peak memory of real steps (FSDP2's memory tracker: every tensor storage, on CPU as on GPU)
+# against the planner's whole prediction, on 2 ranks: "batch,context,checkpointing,train type,dropout".
+PEAK_CASES = ["1,1024,0,qlora,0.05", "1,1024,1,qdora,0.05", "2,512,0,qdora,0.0", "2,512,1,qlora,0.0"]
+
+
+def test_whole_plan_within_10_percent_of_the_tracked_peak(models, tmp_path):
+    """The dynamic parts too (layer buffers, activations with and without checkpointing, DoRA's,
+    the loss): the tracker sees what `max_memory_allocated` would, minus the CUDA allocator's
+    rounding and kernels' workspaces (the planner's overhead term, not checked here). On this
+    model activations and logits are most of the peak, as they are for a 70B at long context.
+    Measured: -4% to +8% here (and on a hidden-512 model). It found DoRA's saved adapter outputs and
+    fp32 products, uncounted before (-20%)."""
+    run_torchrun(REPO / "tests/workers/planner_peak_worker.py", 2, str(models["tiny"]), str(tmp_path / "peak.json"),
+                 *PEAK_CASES, timeout=300)
+    for case, figures in json.loads((tmp_path / "peak.json").read_text()).items():
+        assert figures["planned"] == pytest.approx(figures["tracked"], rel=0.10), (case, figures)
 
 
 def test_known_70b_configs_and_the_issue_figures():

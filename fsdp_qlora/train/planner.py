@@ -33,6 +33,9 @@ GIB = 2**30
 NF4_BLOCK, NESTED_BLOCK, BNB_BLOCK = 64, 256, 256
 RUNTIME_OVERHEAD = int(0.75 * GIB)  # CUDA context + cuBLAS workspace + NCCL buffers (not in max_memory_allocated)
 FRAGMENTATION = 0.05
+# Per logit of one loss chunk at its backward: fp32 log-softmax (kept by cross-entropy), its fp32
+# gradient, and the bf16 logits and their gradient (the fp32 upcast is freed once log-softmax ran).
+LOGIT_BYTES = 4 + 4 + 2 + 2
 
 # config.json values of models the planner knows without a download (Hugging Face's published configs).
 _LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
@@ -207,8 +210,9 @@ def activation_bytes_per_token_layer(geo: Geometry, opt: Options) -> int:
     the attention output (~6H + 6H_kv with flash attention, plus its fp32 logsumexp); MLP: gate,
     up, SiLU(gate) and their product (8I); LoRA: each adapter's bf16 input after dropout plus the
     dropout mask (3 bytes per input feature; shared inputs count once when there is no dropout),
-    and its rank-r intermediate; DoRA: also each adapted linear's bf16 base output, which the
-    magnitude's gradient needs (2 bytes per output feature).
+    and its rank-r intermediate; DoRA: also each adapted linear's bf16 base output and adapter
+    output, which the fp32 `scale * ...` products keep for their gradients (2 + 2 bytes per output
+    feature). Found by tests/test_planner.py's tracked peaks: 2 bytes undercounted DoRA by ~20%.
     """
     h, kv, i = geo.hidden, geo.kv_heads * geo.head_dim, geo.intermediate
     total = 12 * h + 6 * h + 6 * kv + 4 * geo.heads + 8 * i
@@ -218,8 +222,16 @@ def activation_bytes_per_token_layer(geo: Geometry, opt: Options) -> int:
     else:
         total += 2 * opt.lora_rank * len(targets)
     if opt.train_type in ("qdora", "dora"):
-        total += sum(2 * geo.linears()[n][0] for n in targets)
+        total += sum(4 * geo.linears()[n][0] for n in targets)
     return total
+
+
+def dora_temporary_bytes_per_token(geo: Geometry, opt: Options) -> int:
+    """DoRA's fp32 (tokens x out) working tensors for the linear being computed: the magnitude
+    ratio times the base and adapter outputs in forward, their gradients in backward (~2 alive)."""
+    if opt.train_type not in ("qdora", "dora"):
+        return 0
+    return 8 * max(geo.linears()[n][0] for n in geo.linears() if n in set(opt.lora_target_modules))
 
 
 def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
@@ -260,14 +272,21 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     # offloaded (train/memory.py): boundaries and saved tensors in host memory, two layers in flight
     on_gpu_plain = min(plain, 2) if opt.activation_offload else plain
     on_gpu_boundaries = min(checkpointed, 2) if opt.activation_offload else checkpointed
-    parts["activations"] = tokens * (on_gpu_boundaries * boundary + on_gpu_plain * per_layer
-                                     + (per_layer if checkpointed else 0))  # + one layer recomputed
+    saved = tokens * (on_gpu_boundaries * boundary + on_gpu_plain * per_layer)
+    # A layer's backward: its recomputed activations (when checkpointed), the gradients in flight
+    # through it (bf16 grads of the MLP's gate, up, activation and product, 4 x 2I, and of the
+    # attention output and residual stream, 3 x 2H) and DoRA's fp32 products.
+    layer_backward = 8 * geo.intermediate + 6 * geo.hidden + dora_temporary_bytes_per_token(geo, opt)
+    recomputed = tokens * ((per_layer if checkpointed else 0) + layer_backward)
+    chunk = min(opt.loss_chunk_tokens or tokens, tokens)
+    logits = chunk * geo.vocab * LOGIT_BYTES
+    # Backward first runs the loss (one chunk's logits alive), then the layers (one recomputed
+    # at a time): two moments, the peak holds the larger of the two on top of what is saved.
+    parts["activations"] = saved + (recomputed if recomputed >= logits else 0)
     if opt.activation_offload:
         host["activations"] = tokens * ((plain - on_gpu_plain) * per_layer
                                         + (checkpointed - on_gpu_boundaries) * boundary)
-    chunk = min(opt.loss_chunk_tokens or tokens, tokens)
-    # hidden states (bf16) + per chunk: bf16 logits, fp32 logits, fp32 log-softmax, their gradients
-    parts["logits_and_loss"] = tokens * 2 * geo.hidden + chunk * geo.vocab * (2 + 4 + 4 + 4 + 2)
+    parts["logits_and_loss"] = tokens * 2 * geo.hidden + (logits if logits > recomputed else 0)  # + final hidden states
     # The other candidate peak, at the start of forward: the gathered embeddings (freed after the
     # lookup) while the first layer is gathered, before any activation exists. With a large
     # vocabulary and little activation memory (Llama-3, short context) it can be the higher one.

@@ -1,6 +1,7 @@
 """Bytes a real sharded QLoRA model holds per rank, by part (checked against the planner).
 
-argv: <model dir> <result json> <optimizer> <lora rank> <min_8bit_size> <train type>. Each rank writes <result>.rank<N>.
+argv: <model dir> <result json> <case>... with case = "optimizer,lora rank,min_8bit_size,train type".
+Each rank writes <result>.rank<N>: {case: bytes by part}.
 """
 
 import json
@@ -22,12 +23,11 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def main() -> None:
-    model_dir, result, optimizer, rank, min_8bit, train_type = sys.argv[1:7]
-    env = init_distributed()
+def held_bytes(model_dir: str, case: str, env, mesh) -> dict[str, int]:
+    optimizer, rank, min_8bit, train_type = case.split(",")
     cfg = TrainConfig(model=model_dir, lora_rank=int(rank), optimizer=optimizer, min_8bit_size=int(min_8bit),
                       train_type=train_type)
-    model = build_qlora_model(Path(model_dir), cfg, env, build_mesh(env))
+    model = build_qlora_model(Path(model_dir), cfg, env, mesh)
     figures = dict.fromkeys(("nf4_weights", "quant_constants", "frozen_bf16", "adapter_params", "adapter_grads",
                              "optimizer_state"), 0)
     for param in model.parameters():
@@ -53,6 +53,14 @@ def main() -> None:
                 if value.data_ptr() not in seen or value.numel() <= 1:
                     seen.add(value.data_ptr())
                     figures["optimizer_state"] += value.numel() * value.element_size()
+    return figures
+
+
+def main() -> None:
+    model_dir, result, cases = sys.argv[1], sys.argv[2], sys.argv[3:]
+    env = init_distributed()
+    mesh = build_mesh(env)
+    figures = {case: held_bytes(model_dir, case, env, mesh) for case in cases}
     Path(f"{result}.rank{env.rank}").write_text(json.dumps(figures))
     shutdown()
 
