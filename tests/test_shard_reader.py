@@ -61,7 +61,9 @@ def test_truncated_or_corrupt_files_are_one_clear_error(shard, tmp_path):
     truncated.write_bytes(data[:-10])
     with pytest.raises(ShardFormatError, match="truncated.safetensors is truncated or corrupt .* re-download it"):
         read_index(truncated)
-    garbage = tmp_path / "garbage.safetensors"
-    garbage.write_bytes(b"\xff" * 64)
-    with pytest.raises(ShardFormatError, match="garbage.safetensors has a corrupt safetensors header"):
-        read_index(garbage)
+    for name, content in [("huge-length", b"\xff" * 64), ("not-json", (20).to_bytes(8, "little") + b"{not json" * 4),
+                          ("no-offsets", (24).to_bytes(8, "little") + b'{"w": {"dtype": "F32"}} ')]:
+        garbage = tmp_path / f"{name}.safetensors"
+        garbage.write_bytes(content)
+        with pytest.raises(ShardFormatError, match=f"{name}.safetensors has a corrupt safetensors header"):
+            read_index(garbage)

@@ -83,16 +83,18 @@ def read_index(file: Path) -> dict[str, TensorEntry]:
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(MAX_HEADER_BYTES, size - 8):
             raise ShardFormatError(f"{file} has a corrupt safetensors header: re-download it")
-        header = json.loads(handle.read(header_len))
+        try:
+            header = json.loads(handle.read(header_len))
+            tensors = {name: (info["dtype"], tuple(info["shape"]), tuple(info["data_offsets"]))
+                       for name, info in header.items() if name != "__metadata__"}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ShardFormatError(f"{file} has a corrupt safetensors header: re-download it") from None
     data_start = 8 + header_len
     entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in DTYPES:
-            raise ShardFormatError(f"{file}: tensor {name} has dtype {info['dtype']}, which this loader does not read")
-        begin, end = info["data_offsets"]
-        entry = TensorEntry(file, name, DTYPES[info["dtype"]], tuple(info["shape"]), data_start + begin)
+    for name, (dtype, shape, (begin, end)) in tensors.items():
+        if dtype not in DTYPES:
+            raise ShardFormatError(f"{file}: tensor {name} has dtype {dtype}, which this loader does not read")
+        entry = TensorEntry(file, name, DTYPES[dtype], shape, data_start + begin)
         if end - begin != entry.rows * entry.row_bytes or data_start + end > size:
             raise ShardFormatError(f"{file} is truncated or corrupt (tensor {name} ends past the file's "
                                    f"{size} bytes): re-download it")
