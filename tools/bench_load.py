@@ -83,17 +83,13 @@ def _timed_phase(files: list[Path], rank: int, work) -> float:
     return _slowest(time.perf_counter() - started)
 
 
-def read_only(files: list[Path], rank: int, world: int, workers: int) -> int:
-    """Read this rank's rows (FSDP's torch.chunk split of dim 0) of every tensor; bytes read."""
-    from fsdp_qlora.model.loader import READ_AHEAD_BYTES
+def read_only(files: list[Path], mesh, workers: int) -> int:
+    """Read this rank's rows (as the loader splits them over the mesh) of every tensor; bytes read."""
+    from fsdp_qlora.model.loader import READ_AHEAD_BYTES, local_row_range
     from fsdp_qlora.model.shard_reader import RowRange, RowReader, read_ahead, read_index
 
-    ranges = []
-    for file in files:
-        for entry in read_index(file).values():
-            chunk = -(-entry.rows // world)
-            start = min(rank * chunk, entry.rows)
-            ranges.append(RowRange(entry, start, min(start + chunk, entry.rows)))
+    ranges = [RowRange(entry, *local_row_range(entry.rows, mesh))
+              for file in files for entry in read_index(file).values()]
     with RowReader(workers) as reader:
         for _ in read_ahead(ranges, reader, READ_AHEAD_BYTES):
             pass
@@ -110,8 +106,7 @@ def worker(model_dir: Path, workers: int, result: Path) -> None:
     mesh = build_mesh(env)
     files = safetensors_files(model_dir)
     read_bytes = torch.tensor([0], dtype=torch.int64)
-    read_s = _timed_phase(files, env.rank, lambda: read_bytes.add_(
-        read_only(files, env.rank, env.world_size, workers)))
+    read_s = _timed_phase(files, env.rank, lambda: read_bytes.add_(read_only(files, mesh, workers)))
     dist.all_reduce(read_bytes)
     cfg = TrainConfig(model=str(model_dir), load_workers=workers)
     model = []

@@ -132,7 +132,8 @@ def local_row_range(rows: int, mesh, placements=None) -> tuple[int, int]:
     return start, stop
 
 
-def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device, workers: int = 4) -> None:
+def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
+                      workers: int = TrainConfig.load_workers) -> None:
     """Install this rank's rows of every checkpoint tensor, read by `workers` threads."""
     targets = checkpoint_key_to_param(model)
     ranges = [_local_rows(entry, targets[name][0])

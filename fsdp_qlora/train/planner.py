@@ -262,8 +262,9 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
                               + layer_adapter * 4)  # one layer's unsharded fp32 adapter grads
     # The root (lm_head + final norm; the embedding too when tied) stays gathered from forward to
     # the end of backward. Untied embeddings are their own unit, gathered only around the lookup.
-    parts["root_unsharded"] = geo.vocab * geo.hidden * 2 + geo.hidden * 2
-    embeddings_gathered = 0 if geo.tied else geo.vocab * geo.hidden * 2
+    vocab_matrix = geo.vocab * geo.hidden * 2  # one bf16 embedding or lm_head weight
+    parts["root_unsharded"] = vocab_matrix + geo.hidden * 2
+    embeddings_gathered = 0 if geo.tied else vocab_matrix
     per_layer = activation_bytes_per_token_layer(geo, opt)
     boundary = 2 * geo.hidden  # a checkpointed layer keeps only its bf16 input
     checkpointed = (len(range(0, geo.layers, opt.activation_checkpointing_every))
@@ -277,16 +278,16 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     # through it (bf16 grads of the MLP's gate, up, activation and product, 4 x 2I, and of the
     # attention output and residual stream, 3 x 2H) and DoRA's fp32 products.
     layer_backward = 8 * geo.intermediate + 6 * geo.hidden + dora_temporary_bytes_per_token(geo, opt)
-    recomputed = tokens * ((per_layer if checkpointed else 0) + layer_backward)
+    layer_moment = tokens * ((per_layer if checkpointed else 0) + layer_backward)
     chunk = min(opt.loss_chunk_tokens or tokens, tokens)
-    logits = chunk * geo.vocab * LOGIT_BYTES
+    loss_moment = chunk * geo.vocab * LOGIT_BYTES
     # Backward first runs the loss (one chunk's logits alive), then the layers (one recomputed
     # at a time): two moments, the peak holds the larger of the two on top of what is saved.
-    parts["activations"] = saved + (recomputed if recomputed >= logits else 0)
+    parts["activations"] = saved + (layer_moment if layer_moment >= loss_moment else 0)
     if opt.activation_offload:
         host["activations"] = tokens * ((plain - on_gpu_plain) * per_layer
                                         + (checkpointed - on_gpu_boundaries) * boundary)
-    parts["logits_and_loss"] = tokens * 2 * geo.hidden + (logits if logits > recomputed else 0)  # + final hidden states
+    parts["logits_and_loss"] = tokens * 2 * geo.hidden + (loss_moment if loss_moment > layer_moment else 0)  # + final hidden states
     # The other candidate peak, at the start of forward: the gathered embeddings (freed after the
     # lookup) while the first layer is gathered, before any activation exists. With a large
     # vocabulary and little activation memory (Llama-3, short context) it can be the higher one.
