@@ -9,9 +9,6 @@ rank's own part plus the read-ahead window (`READ_AHEAD_BYTES`, or one slice whe
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import math
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fsdp_qlora.config import DORA_TRAIN_TYPES, QUANTIZED_TRAIN_TYPES, ConfigError, TrainConfig
 from fsdp_qlora.distributed.env import DistEnv
 from fsdp_qlora.distributed.sharding import decoder_layers, shard_model, shard_size
+from fsdp_qlora.model.host_memory import large_allocations_via_mmap
 from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, NF4Tensor, nf4_bytes, quantize_nf4
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.shard_reader import RowRange, RowReader, read_ahead, read_index
@@ -139,7 +137,7 @@ def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
     ranges = [_local_rows(entry, targets[name][0])
               for file in safetensors_files(model_dir) for name, entry in read_index(file).items()
               if name in targets]  # skips e.g. rotary caches some checkpoints carry
-    with _large_allocations_via_mmap(), RowReader(workers) as reader:
+    with large_allocations_via_mmap(), RowReader(workers) as reader:
         for rows, local_rows in read_ahead(ranges, reader, READ_AHEAD_BYTES):
             for module, attr in targets[rows.entry.name]:
                 _install_local_rows(module, attr, local_rows, device)
@@ -171,30 +169,6 @@ def _local_rows(entry, holder: tuple[nn.Module, str]) -> RowRange:
         raise ConfigError(f"{entry.file.name}: {entry.name} has shape {entry.shape}, the model's config.json "
                          f"gives {expected}: the checkpoint does not match its config.json")
     return RowRange(entry, *local_row_range(entry.rows, param.device_mesh, param.placements))
-
-
-@contextlib.contextmanager
-def _large_allocations_via_mmap():
-    """Keep glibc from growing its heap with the loader's transient tensors.
-
-    Loading allocates a multi-MB slice per tensor, frees it, and keeps a small quantized result.
-    glibc's dynamic mmap threshold soon serves such slices from the heap, where each small
-    survivor pins the hole behind it: host memory then grows by about one slice per tensor
-    (measured: +650 MB for a 390 MB model with one thread per rank). Serving >= 1 MiB blocks
-    by mmap returns them to the OS on free. Outside glibc this is a no-op.
-    """
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    mallopt = getattr(libc, "mallopt", None)
-    m_mmap_threshold = -3
-    if mallopt is None or not mallopt(m_mmap_threshold, 1 << 20):
-        yield
-        return
-    try:
-        yield
-    finally:
-        mallopt(m_mmap_threshold, 32 << 20)  # glibc's own ceiling for its dynamic threshold
-        getattr(libc, "malloc_trim", lambda _: 0)(0)
 
 
 def _install_local_rows(module: nn.Module, attr: str, rows: torch.Tensor, device: torch.device) -> None:
