@@ -193,7 +193,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from fsdp_qlora.model.nf4 import quantize_nf4
+from fsdp_qlora.model.nf4 import nf4_row_shard, quantize_nf4
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.peft.dora import init_dora_magnitudes
 from fsdp_qlora.peft.lora import apply_lora
@@ -206,7 +206,7 @@ model.q_proj = NF4Linear(32, 64, device="meta")
 apply_lora(model, ["q_proj"], r=4, alpha=8, dropout=0.0, use_dora=True)
 model.q_proj.materialize(torch.device("cpu"))
 fully_shard(model, mesh=mesh)
-rows = quantize_nf4(weight[32:])  # what the loader installs on rank 1
+rows = nf4_row_shard(quantize_nf4(weight), 32, 64)  # what the loader installs on rank 1
 model.q_proj.base.weight = nn.Parameter(DTensor.from_local(rows, mesh, [Shard(0)], run_check=False,
                                         shape=torch.Size((64, 16)), stride=(16, 1)), requires_grad=False)
 init_dora_magnitudes(model)

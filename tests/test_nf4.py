@@ -5,7 +5,7 @@ import torch
 import bitsandbytes.functional as bnbf
 from safetensors.torch import save_file
 
-from fsdp_qlora.model.nf4 import NF4Tensor, nf4_bytes, quantize_nf4
+from fsdp_qlora.model.nf4 import nf4_bytes, nf4_row_shard, quantize_nf4, quantize_nf4_rows
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from tests.conftest import REPO, run_torchrun
 
@@ -19,21 +19,33 @@ def test_quantize_matches_bitsandbytes(shape):
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
     assert torch.equal(ours.packed.reshape(-1), packed.reshape(-1))
     assert torch.equal(ours.absmax_q, state.absmax)
+    assert torch.equal(ours.nested_absmax, state.state2.absmax) and torch.equal(ours.offset, state.offset.reshape(1))
     assert torch.equal(ours.dequantize(), bnbf.dequantize_4bit(packed, state))
     assert ours.shape == (shape[0], shape[1] // 2) and ours.dtype == torch.uint8
 
 
-def test_multi_slice_dequantize_equals_per_slice_bitsandbytes():
-    """A gathered tensor of N slices dequantizes as bitsandbytes does each slice, including
-    when nested blocks of 256 absmax values do not align with slice boundaries."""
-    weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    slices = [quantize_nf4(part) for part in weight.chunk(3)]
-    gathered = NF4Tensor(*(torch.cat([getattr(s, n) for s in slices]) for n in
-                           ("packed", "absmax_q", "nested_absmax", "offset")), torch.bfloat16)
-    expected = torch.cat([bnbf.dequantize_4bit(*bnbf.quantize_4bit(part.contiguous(), blocksize=64,
-                          compress_statistics=True, quant_type="nf4")) for part in weight.chunk(3)])
-    assert gathered.num_slices == 3
-    assert torch.equal(gathered.dequantize(), expected)
+@pytest.mark.parametrize("shape,world", [((96, 128), 3), ((1536, 576), 2), ((576, 576), 4), ((192, 1024), 3)])
+def test_row_shards_hold_bitsandbytes_whole_weight_bytes(shape, world):
+    """Each rank quantizes only its rows, exchanging the first-level absmax: its shard holds exactly
+    bitsandbytes' bytes of the whole weight at those rows, and dequantizes to the same values, also
+    when a nested group of 256 blocks straddles two shards (every shape here but (576, 576) x 4)."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    whole = bnbf.dequantize_4bit(packed, state)
+    rows = shape[0] // world
+    local_absmax = [bnbf.quantize_4bit(part.contiguous(), blocksize=64, quant_type="nf4")[1].absmax
+                    for part in weight.split(rows)]
+    gathered = torch.cat(local_absmax)  # what the all-gather over the ranks returns
+    blocks = rows * shape[1] // 64
+    for rank, part in enumerate(weight.split(rows)):
+        shard = quantize_nf4_rows(part, gather_absmax=lambda _: gathered, first_block=rank * blocks)
+        assert torch.equal(shard.packed.reshape(-1), packed.reshape(-1)[rank * rows * shape[1] // 2:][:part.numel() // 2])
+        assert torch.equal(shard.absmax_q, state.absmax[rank * blocks:(rank + 1) * blocks])
+        assert torch.equal(shard.nested_absmax, state.state2.absmax)
+        assert torch.equal(shard.offset, state.offset.reshape(1))
+        assert torch.equal(shard.dequantize(), whole[rank * rows:(rank + 1) * rows])
+        assert torch.equal(nf4_row_shard(quantize_nf4(weight), rank * rows, (rank + 1) * rows).dequantize(),
+                           shard.dequantize())
 
 
 def test_nf4_linear_forward_and_input_grad():

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -21,7 +22,7 @@ from fsdp_qlora.config import DORA_TRAIN_TYPES, QUANTIZED_TRAIN_TYPES, ConfigErr
 from fsdp_qlora.distributed.env import DistEnv
 from fsdp_qlora.distributed.sharding import decoder_layers, shard_model, shard_size
 from fsdp_qlora.model.host_memory import large_allocations_via_mmap
-from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, NF4Tensor, nf4_bytes, quantize_nf4
+from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, NF4Tensor, nf4_bytes, quantize_nf4_rows
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.shard_reader import RowRange, RowReader, read_ahead, read_index
 from fsdp_qlora.model.sources import safetensors_files
@@ -140,7 +141,7 @@ def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
     with large_allocations_via_mmap(), RowReader(workers) as reader:
         for rows, local_rows in read_ahead(ranges, reader, READ_AHEAD_BYTES):
             for module, attr in targets[rows.entry.name]:
-                _install_local_rows(module, attr, local_rows, device)
+                _install_local_rows(module, attr, rows, local_rows, device)
     loaded = {rows.entry.name for rows in ranges}
     _tie_missing(model, targets, loaded)
     missing = sorted(set(targets) - loaded)
@@ -171,16 +172,39 @@ def _local_rows(entry, holder: tuple[nn.Module, str]) -> RowRange:
     return RowRange(entry, *local_row_range(entry.rows, param.device_mesh, param.placements))
 
 
-def _install_local_rows(module: nn.Module, attr: str, rows: torch.Tensor, device: torch.device) -> None:
+def _install_local_rows(module: nn.Module, attr: str, row_range: RowRange, rows: torch.Tensor,
+                        device: torch.device) -> None:
     param = getattr(module, attr)
     rows = rows.to(device)
     if isinstance(module, NF4Linear) and attr == "weight":
-        local = quantize_nf4(rows.to(COMPUTE_DTYPE), COMPUTE_DTYPE)
+        # The same NF4 bytes at every world size: the ranks splitting this weight exchange their
+        # first-level absmax so that double quantization sees the whole weight (model/nf4.py).
+        first_block = row_range.start * module.in_features // NF4_BLOCKSIZE
+        local = quantize_nf4_rows(rows.to(COMPUTE_DTYPE), COMPUTE_DTYPE, _absmax_gather(param), first_block)
     else:
         local = rows.to(param.dtype)
     sharded = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                                  stride=param.stride())
     setattr(module, attr, nn.Parameter(sharded, requires_grad=False))
+
+
+def _absmax_gather(param: DTensor):
+    """All-gather over the mesh dims that split this parameter's rows (None: this rank has them all)."""
+    dims = [dim for dim, p in enumerate(param.placements) if isinstance(p, Shard) and p.dim == 0
+            and param.device_mesh.size(dim) > 1]
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise NotImplementedError("NF4 weights are sharded over one mesh dimension (dp_shard)")
+    group = param.device_mesh.get_group(dims[0])
+    size = param.device_mesh.size(dims[0])
+
+    def gather(local_absmax: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(local_absmax) for _ in range(size)]
+        dist.all_gather(parts, local_absmax.contiguous(), group=group)  # group rank i = mesh coordinate i = row block i
+        return torch.cat(parts)
+
+    return gather
 
 
 def _tie_missing(model: nn.Module, targets, loaded: set[str]) -> None:

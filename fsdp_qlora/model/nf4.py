@@ -6,15 +6,16 @@ bitsandbytes' packing). Behind it sit the quantization constants of NF4 with dou
 quantization: the per-64-element absmax, itself quantized to uint8 in blocks of 256 with a
 float32 offset and nested absmax.
 
-Quantization unit = one slice of rows. bitsandbytes' double quantization subtracts the *mean*
-of all first-level absmax values before quantizing them, so the constants of a block depend on
-the whole tensor. To let each rank quantize only the rows it owns (never seeing the full
-weight), every FSDP shard is quantized independently by `bnb.functional.quantize_4bit`: a
-sharded tensor holds one slice; an all-gathered tensor holds ``num_slices`` equal slices, each
-with its own offset and nested absmax. At world size 1 the single slice is exactly
-bitsandbytes' quantization of the whole weight; at world size N it is bitsandbytes'
-quantization of each of the N row blocks (4-bit codes and first-level absmax are identical
-either way; only the second-level statistics differ, and they are finer per slice).
+Quantization unit = the whole weight, at every world size. Double quantization subtracts the
+*mean* of all first-level absmax values and quantizes the result in groups of 256 blocks, so the
+second-level constants depend on the whole tensor. Each rank still reads and quantizes only the
+rows it owns: the 4-bit codes and first-level absmax of a row block are local, and the ranks
+all-gather the first-level absmax (1/16 of the bf16 weight's bytes, fp32) to compute the mean and
+the nested absmax exactly as bitsandbytes does on the whole weight (`quantize_nf4_rows`). A
+shard therefore holds its rows' codes and 8-bit absmax plus the whole weight's nested absmax
+and offset (replicated: 1/8192 of the bf16 weight per rank), and the 1-process model, `--sharding
+ddp`, FSDP on N ranks and HSDP hold the same bytes, byte-identical to
+`bnb.functional.quantize_4bit(weight, compress_statistics=True, quant_type="nf4")`.
 
 FSDP2's all-gather extension (`fsdp_pre_all_gather` / `fsdp_post_all_gather`) moves the packed
 bytes and every constant as their own integer/float32 buffers: nothing is ever cast through a
@@ -26,7 +27,7 @@ rather than replicated on every rank.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,11 +46,13 @@ class NF4Tensor(torch.Tensor):
     """Packed NF4 weight, shape ``(rows, in_features // 2)`` uint8, with its quant constants.
 
     Inner tensors (all on the same device):
-      packed        uint8 (rows, in_features // 2)  two NF4 codes per byte
-      absmax_q      uint8 (num_slices * blocks_per_slice,)  first-level absmax, quantized
-      nested_absmax fp32  (num_slices * nested_per_slice,)  second-level absmax
-      offset        fp32  (num_slices,)  mean subtracted from each slice's absmax
-    Constants shared by every weight (the NF4 and dynamic code books) are not per-tensor data.
+      packed        uint8 (rows, in_features // 2)  two NF4 codes per byte, these rows
+      absmax_q      uint8 (rows * in_features // 64,)  these rows' first-level absmax, quantized
+      nested_absmax fp32  (ceil(whole weight's blocks / 256),)  second-level absmax, whole weight
+      offset        fp32  (1,)  mean subtracted from the whole weight's absmax
+    `first_block` is the index of ``absmax_q[0]`` among the whole weight's 64-element blocks
+    (0 for a whole weight; a shard's row offset times in_features / 64). Constants shared by
+    every weight (the NF4 and dynamic code books) are not per-tensor data.
     """
 
     packed: torch.Tensor
@@ -57,19 +60,21 @@ class NF4Tensor(torch.Tensor):
     nested_absmax: torch.Tensor
     offset: torch.Tensor
     compute_dtype: torch.dtype
+    first_block: int
 
     @staticmethod
-    def __new__(cls, packed, absmax_q, nested_absmax, offset, compute_dtype):
+    def __new__(cls, packed, absmax_q, nested_absmax, offset, compute_dtype, first_block=0):
         return torch.Tensor._make_wrapper_subclass(
             cls, packed.shape, dtype=torch.uint8, device=packed.device, requires_grad=False
         )
 
-    def __init__(self, packed, absmax_q, nested_absmax, offset, compute_dtype):
+    def __init__(self, packed, absmax_q, nested_absmax, offset, compute_dtype, first_block=0):
         self.packed = packed
         self.absmax_q = absmax_q
         self.nested_absmax = nested_absmax
         self.offset = offset
         self.compute_dtype = compute_dtype
+        self.first_block = first_block
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -77,47 +82,37 @@ class NF4Tensor(torch.Tensor):
         rows, half_cols = self.packed.shape
         return torch.Size((rows, half_cols * 2))
 
-    @property
-    def num_slices(self) -> int:
-        return self.offset.numel()
-
     def inner_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.packed, self.absmax_q, self.nested_absmax, self.offset
 
     def _with_inner(self, fn) -> "NF4Tensor":
-        return NF4Tensor(*(fn(t) for t in self.inner_tensors()), self.compute_dtype)
+        return NF4Tensor(*(fn(t) for t in self.inner_tensors()), self.compute_dtype, self.first_block)
 
     def __repr__(self) -> str:
         return (
-            f"NF4Tensor(weight_shape={tuple(self.weight_shape)}, slices={self.num_slices}, "
+            f"NF4Tensor(weight_shape={tuple(self.weight_shape)}, first_block={self.first_block}, "
             f"device={self.device}, compute_dtype={self.compute_dtype})"
         )
 
     # ---- math -----------------------------------------------------------------------------
     def dequantize_absmax(self) -> torch.Tensor:
-        """First-level absmax in fp32, per slice exactly as bitsandbytes' dequantize_4bit does."""
-        slices = self.num_slices
-        blocks_per_slice = self.absmax_q.numel() // slices
-        nested_per_slice = self.nested_absmax.numel() // slices
-        code = _dynamic_code(self.device)
-        if blocks_per_slice % NESTED_BLOCKSIZE == 0 or slices == 1:
-            # Nested blocks never straddle a slice boundary: one kernel call for all slices.
-            state = bnbf.QuantState(
-                absmax=self.nested_absmax, code=code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
-            )
-            absmax = bnbf.dequantize_blockwise(self.absmax_q, state)
-            return absmax + self.offset.repeat_interleave(blocks_per_slice)
-        parts = []
-        for i in range(slices):
-            state = bnbf.QuantState(
-                absmax=self.nested_absmax[i * nested_per_slice : (i + 1) * nested_per_slice],
-                code=code,
-                blocksize=NESTED_BLOCKSIZE,
-                dtype=torch.float32,
-            )
-            q = self.absmax_q[i * blocks_per_slice : (i + 1) * blocks_per_slice]
-            parts.append(bnbf.dequantize_blockwise(q, state) + self.offset[i])
-        return torch.cat(parts)
+        """First-level absmax in fp32, with bitsandbytes' own kernel (as its dequantize_4bit does).
+
+        A shard's blocks may start inside a nested group of 256: its codes are preceded by
+        `first_block % 256` placeholders so that bitsandbytes' blockwise kernel, which starts a
+        group at index 0, pairs every code with its group's nested absmax; the placeholders'
+        values are then dropped. Each value is code * nested absmax (+ offset), computed
+        elementwise, so a shard's absmax equals the whole weight's at the same blocks, bit for bit.
+        """
+        lead = self.first_block % NESTED_BLOCKSIZE
+        codes = self.absmax_q
+        if lead:
+            codes = torch.cat([codes.new_zeros(lead), codes])
+        group = self.first_block // NESTED_BLOCKSIZE
+        nested = self.nested_absmax[group: group + -(-codes.numel() // NESTED_BLOCKSIZE)]
+        state = bnbf.QuantState(absmax=nested, code=_dynamic_code(self.device), blocksize=NESTED_BLOCKSIZE,
+                                dtype=torch.float32)
+        return bnbf.dequantize_blockwise(codes, state)[lead:] + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full-precision weight ``(rows, in_features)`` in `dtype` (default compute dtype)."""
@@ -133,24 +128,25 @@ class NF4Tensor(torch.Tensor):
 
     # ---- FSDP2 all-gather extension -------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        if self.num_slices != 1:
-            raise RuntimeError("an FSDP shard of an NF4 weight must be one quantization slice")
+        # Only the rows' bytes and 8-bit absmax are sharded; every shard already holds the whole
+        # weight's nested absmax and offset, which ride in the (local) metadata.
+        whole_constants = (self.nested_absmax, self.offset)
         if mesh.size() == 1:
             # torch 2.13's FSDP2 copies only the first all-gather input when the group has
-            # one rank; the constants are local anyway, so they travel in the metadata.
-            return (self.packed,), (self.compute_dtype, (self.absmax_q, self.nested_absmax, self.offset))
-        return self.inner_tensors(), (self.compute_dtype, None)
+            # one rank; the 8-bit absmax is local anyway, so it travels in the metadata too.
+            return (self.packed,), (self.compute_dtype, self.absmax_q, whole_constants)
+        return (self.packed, self.absmax_q), (self.compute_dtype, None, whole_constants)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
-        compute_dtype, local_constants = metadata
+        compute_dtype, local_absmax_q, (nested_absmax, offset) = metadata
         packed = all_gather_outputs[0]
         if out is not None:
             # FSDP re-allocated the storages of the tensors returned below and gathered into
             # them, so `out` already aliases the fresh bytes.
             assert isinstance(out, NF4Tensor) and out.packed.data_ptr() == packed.data_ptr()
             return
-        constants = local_constants or all_gather_outputs[1:]
-        return NF4Tensor(packed, *constants, compute_dtype), tuple(all_gather_outputs)
+        absmax_q = all_gather_outputs[1] if local_absmax_q is None else local_absmax_q
+        return NF4Tensor(packed, absmax_q, nested_absmax, offset, compute_dtype), tuple(all_gather_outputs)
 
     # ---- the few aten ops FSDP2, DTensor and nn.Parameter apply to a parameter ------------
     @classmethod
@@ -177,7 +173,7 @@ def _view(tensor: NF4Tensor, size) -> Any:
         # never read. It must stay an NF4Tensor: FSDP2 compares storages of plain tensors,
         # and a wrapper subclass has none.
         return NF4Tensor(tensor.packed.view(-1), tensor.absmax_q, tensor.nested_absmax, tensor.offset,
-                         tensor.compute_dtype)
+                         tensor.compute_dtype, tensor.first_block)
     raise NotImplementedError(f"NF4Tensor cannot be viewed as {list(size)}")
 
 
@@ -247,27 +243,51 @@ def _dynamic_code(device: torch.device) -> torch.Tensor:
 
 
 def quantize_nf4(weight: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16) -> NF4Tensor:
-    """Quantize one slice of rows with bitsandbytes (NF4, blocksize 64, double quantization)."""
-    if weight.ndim != 2 or weight.shape[1] % 2 or weight.numel() % NF4_BLOCKSIZE:
+    """A whole weight, exactly as bitsandbytes quantizes it (NF4, blocksize 64, double quantization)."""
+    return quantize_nf4_rows(weight, compute_dtype)
+
+
+AbsmaxGather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def quantize_nf4_rows(rows: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16,
+                      gather_absmax: AbsmaxGather | None = None, first_block: int = 0) -> NF4Tensor:
+    """One rank's rows of a weight, quantized exactly as bitsandbytes quantizes the whole weight.
+
+    `gather_absmax` concatenates every shard's first-level absmax in row order (an all-gather
+    over the ranks that split the weight; None when `rows` is the whole weight); `first_block` is
+    the index of this shard's first 64-element block in the whole weight. bitsandbytes'
+    `quantize_4bit(compress_statistics=True)` is: per-block absmax and 4-bit codes (local to a
+    block), then ``offset = absmax.mean()`` and ``quantize_blockwise(absmax - offset, 256)`` over
+    the whole weight. Here the first step runs on the local rows and the second on the gathered
+    absmax, with the same calls on the same device, so every byte and constant matches.
+    """
+    if rows.ndim != 2 or rows.shape[1] % 2 or rows.numel() % NF4_BLOCKSIZE:
         raise ValueError(
             f"NF4 needs a 2-D weight with an even number of columns and a multiple of "
-            f"{NF4_BLOCKSIZE} elements; got shape {tuple(weight.shape)}"
+            f"{NF4_BLOCKSIZE} elements; got shape {tuple(rows.shape)}"
         )
     packed, state = bnbf.quantize_4bit(
-        weight.contiguous(),
-        blocksize=NF4_BLOCKSIZE,
-        compress_statistics=True,
-        quant_type="nf4",
+        rows.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4",
         quant_storage=torch.uint8,
     )
-    rows, cols = weight.shape
-    return NF4Tensor(
-        packed.view(rows, cols // 2),
-        state.absmax,
-        state.state2.absmax.to(torch.float32),
-        state.offset.reshape(1).to(torch.float32),
-        compute_dtype,
-    )
+    local_absmax = state.absmax
+    whole_absmax = local_absmax if gather_absmax is None else gather_absmax(local_absmax)
+    offset = whole_absmax.mean()
+    absmax_q, nested = bnbf.quantize_blockwise(whole_absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    if gather_absmax is not None:  # keep only this shard's codes (a copy: the rest is freed)
+        absmax_q = absmax_q[first_block: first_block + local_absmax.numel()].clone()
+    n_rows, cols = rows.shape
+    return NF4Tensor(packed.view(n_rows, cols // 2), absmax_q, nested.absmax.to(torch.float32),
+                     offset.reshape(1).to(torch.float32), compute_dtype, first_block)
+
+
+def nf4_row_shard(weight: NF4Tensor, start: int, stop: int) -> NF4Tensor:
+    """Rows [start, stop) of a whole quantized weight: the shard a rank owning them holds."""
+    cols = weight.weight_shape[1]
+    first, last = start * cols // NF4_BLOCKSIZE, stop * cols // NF4_BLOCKSIZE
+    return NF4Tensor(weight.packed[start:stop].clone(), weight.absmax_q[first:last].clone(), weight.nested_absmax,
+                     weight.offset, weight.compute_dtype, first)
 
 
 def nf4_bytes(tensor: NF4Tensor) -> int:

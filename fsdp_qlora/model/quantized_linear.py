@@ -10,7 +10,10 @@ from fsdp_qlora.model.nf4 import NF4Tensor
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """y = x @ dequant(W)^T. The weight is frozen, so backward only needs dL/dx.
+    """y = x @ dequant(W)^T (+ b). Weight and bias are frozen, so backward only needs dL/dx.
+
+    The bias goes into the same `F.linear` call, as bitsandbytes' `gemm_4bit` does it: a fused
+    add rounds differently from a matmul followed by an add in bf16.
 
     The bf16 weight is dequantized again in backward instead of being saved: saving it
     would keep a full-precision copy of every layer alive until backward, which is
@@ -18,23 +21,26 @@ class _NF4Matmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: NF4Tensor, dense: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         # `dense`: the weight already dequantized by the caller (DoRA needs it for its norm too),
         # so one forward dequantizes once.
         ctx.weight = weight
-        return F.linear(x, weight.dequantize(x.dtype) if dense is None else dense)
+        return F.linear(x, weight.dequantize(x.dtype) if dense is None else dense,
+                        None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         weight: NF4Tensor = ctx.weight
-        return grad_output @ weight.dequantize(grad_output.dtype), None, None
+        return grad_output @ weight.dequantize(grad_output.dtype), None, None, None
 
 
-def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ dequant(weight)^T (no bias); `dense` is the dequantized weight if the caller has it."""
+def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, dense: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequant(weight)^T + bias; `dense` is the dequantized weight if the caller has it."""
     if not isinstance(weight, NF4Tensor):
         raise RuntimeError("NF4Linear used before its weight was loaded")
-    return _NF4Matmul.apply(x, weight, dense)
+    return _NF4Matmul.apply(x, weight, dense, bias)
 
 
 class NF4Linear(nn.Module):
@@ -57,8 +63,7 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, dense_weight: torch.Tensor | None = None) -> torch.Tensor:
         """`dense_weight`: this layer's weight already dequantized in x's dtype, to reuse."""
-        out = nf4_matmul(x, self.weight, dense_weight)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return nf4_matmul(x, self.weight, dense_weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"

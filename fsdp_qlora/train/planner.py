@@ -114,7 +114,8 @@ def nf4_shard_bytes(out_features: int, in_features: int, world: int) -> tuple[in
     """(4-bit codes, quantization constants) of one rank's NF4 shard, as NF4Tensor holds them."""
     n = _chunk(out_features, world) * in_features
     blocks = n // NF4_BLOCK
-    return n // 2, blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4  # absmax_q u8, nested fp32, offset fp32
+    whole_blocks = out_features * in_features // NF4_BLOCK  # nested absmax and offset: the whole weight's
+    return n // 2, blocks + 4 * math.ceil(whole_blocks / NESTED_BLOCK) + 4  # absmax_q u8, nested fp32, offset fp32
 
 
 @dataclass

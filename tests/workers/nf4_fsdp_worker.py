@@ -1,9 +1,9 @@
 """torchrun worker for tests/test_nf4.py: FSDP2-sharded NF4 weights loaded from safetensors.
 
 argv: <safetensors file> <result dir>. Checks, on every rank:
-  * loader shards dequantize exactly as bitsandbytes' quantize_4bit/dequantize_4bit of each
-    rank's rows (the quantization unit; see fsdp_qlora/model/nf4.py);
-  * the all-gathered weight is those slices, byte for byte;
+  * loader shards hold bitsandbytes' quantize_4bit bytes of the whole weight at their rows, and
+    dequantize exactly as its dequantize_4bit does (fsdp_qlora/model/nf4.py);
+  * the all-gathered weight is bitsandbytes' quantization of the whole weight, byte for byte;
   * the sharded forward and backward equal an unsharded bitsandbytes reference bit for bit;
   * an all-gather of crafted bytes (every byte value, bf16-NaN patterns, NaN float32
     constants) returns exactly the bytes each rank contributed.
@@ -40,15 +40,10 @@ class Chain(nn.Module):
         return x
 
 
-def bnb_reference(full: torch.Tensor, world: int) -> torch.Tensor:
-    """bitsandbytes' own quantize/dequantize of each rank's rows, concatenated."""
-    rows = full.shape[0] // world
-    parts = []
-    for r in range(world):
-        q, state = bnbf.quantize_4bit(full[r * rows:(r + 1) * rows].contiguous(), blocksize=64,
-                                      compress_statistics=True, quant_type="nf4")
-        parts.append(bnbf.dequantize_4bit(q, state))
-    return torch.cat(parts)
+def bnb_quantized(full: torch.Tensor):
+    """bitsandbytes' own quantization of the whole weight: (packed, state, dequantized)."""
+    packed, state = bnbf.quantize_4bit(full.contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    return packed, state, bnbf.dequantize_4bit(packed, state)
 
 
 def check_loaded_weights(file: Path, env, mesh) -> None:
@@ -64,11 +59,15 @@ def check_loaded_weights(file: Path, env, mesh) -> None:
     references = []
     for i, layer in enumerate(model.layers):
         full = weights[f"layers.{i}.weight"]
-        ref = bnb_reference(full, env.world_size)
+        packed, state, ref = bnb_quantized(full)
         references.append(ref)
         start, stop = local_row_range(full.shape[0], mesh)
         shard = layer.weight.to_local()
-        assert isinstance(shard, NF4Tensor) and shard.num_slices == 1
+        assert isinstance(shard, NF4Tensor) and shard.first_block == start * full.shape[1] // 64
+        assert torch.equal(shard.packed, packed.view(full.shape[0], -1)[start:stop])
+        blocks = slice(start * full.shape[1] // 64, stop * full.shape[1] // 64)
+        assert torch.equal(shard.absmax_q, state.absmax[blocks]), f"shard {i}: 8-bit absmax differs"
+        assert torch.equal(shard.nested_absmax, state.state2.absmax) and torch.equal(shard.offset, state.offset.reshape(1))
         assert torch.equal(shard.dequantize(), ref[start:stop]), f"shard {i} differs from bitsandbytes"
         expected_x = expected_x @ ref.t()
     x.requires_grad_(True)
@@ -84,7 +83,10 @@ def check_loaded_weights(file: Path, env, mesh) -> None:
     for i, layer in enumerate(model.layers):
         layer.unshard()
         gathered = layer.weight
-        assert isinstance(gathered, NF4Tensor) and gathered.num_slices == env.world_size
+        packed, state, _ = bnb_quantized(weights[f"layers.{i}.weight"])
+        assert isinstance(gathered, NF4Tensor) and gathered.first_block == 0
+        assert torch.equal(gathered.packed.reshape(-1), packed.reshape(-1))
+        assert torch.equal(gathered.absmax_q, state.absmax), "the gathered weight is not one quantization unit"
         assert torch.equal(gathered.dequantize(), references[i])
         layer.reshard()
 
@@ -109,10 +111,13 @@ def check_crafted_all_gather(env, mesh) -> None:
     holder.unshard()
     gathered = holder.weight
     expected = [crafted_shard(r) for r in range(env.world_size)]
-    for name in ("packed", "absmax_q", "nested_absmax", "offset"):
+    for name in ("packed", "absmax_q"):  # sharded: each rank's bytes, concatenated
         want = torch.cat([getattr(t, name).reshape(-1) for t in expected]).view(torch.uint8)
         got = getattr(gathered, name).reshape(-1).view(torch.uint8)
         assert torch.equal(got, want), f"all-gather changed bytes of {name}"
+    for name in ("nested_absmax", "offset"):  # the whole weight's, held by every shard: kept bit for bit
+        got = getattr(gathered, name).reshape(-1).view(torch.uint8)
+        assert torch.equal(got, getattr(local, name).reshape(-1).view(torch.uint8)), f"{name} bits changed"
     holder.reshard()
 
 
