@@ -43,7 +43,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SHARDING_TYPES = ("auto", "fsdp", "hsdp", "ddp")
 DATASET_FORMATS = ("auto", "instruction", "chat", "text")
 TRUNCATION_MODES = ("truncate", "drop")
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGET_MODULES = ["all-linear"]  # every linear of every decoder layer (peft/targets.py)
 
 
 @dataclass
@@ -87,7 +87,10 @@ class TrainConfig:
     lora_rank: int = _opt(8, "LoRA rank r")
     lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora)")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
-    lora_target_modules: list[str] = _opt(DEFAULT_TARGET_MODULES, "linear layers (last name component) that get adapters")
+    lora_target_modules: list[str] = _opt(DEFAULT_TARGET_MODULES, "linear layers that get adapters: all-linear (every "
+                                          "linear inside every decoder layer, whatever the architecture names it) or "
+                                          "names matched against the end of module names (q_proj, self_attn.o_proj); "
+                                          "a name that matches nothing is an error")
     lora_target_regex: str = _opt("", "regex the full module name must match (e.g. 'model\\.layers\\.\\d+\\.mlp\\..*_proj'); "
                                   "replaces --lora-target-modules when set")
     lora_rank_pattern: list[str] = _opt([], "per-module rank overrides PATTERN=R, PATTERN a regex matching the end of "
@@ -334,7 +337,7 @@ def load_yaml_overrides(path: str) -> dict[str, Any]:
 
 def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> TrainConfig:
     """Flags (and YAML) -> a validated TrainConfig. Alias recommendations apply under both."""
-    from fsdp_qlora.model.sources import recommended_settings  # avoid an import cycle
+    from fsdp_qlora.model.registry import recommended_settings
 
     args = vars(build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv))
     yaml_values = load_yaml_overrides(args.pop("config")) if "config" in args else {}
@@ -353,7 +356,7 @@ def config_reference_markdown() -> str:
         "",
         "Every setting is a `train.py` flag and a YAML key of the same name (`--lora-rank` / `lora_rank`).",
         "Precedence, lowest first: the defaults below, the model alias' recommended settings",
-        "(`fsdp_qlora/model/sources.py`), `--config file.yaml`, then flags. The run's resolved",
+        "(`fsdp_qlora/model/registry.py`), `--config file.yaml`, then flags. The run's resolved",
         "settings are saved as `config.yaml` in its output directory, reusable with `--config`.",
         "",
         "| flag | YAML key | type | default | meaning |",

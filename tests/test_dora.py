@@ -21,6 +21,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from fsdp_qlora.config import DEFAULT_TARGET_MODULES
+from fsdp_qlora.peft.targets import peft_target_modules
 from fsdp_qlora.peft import dora
 from fsdp_qlora.peft.dora import DoRALinear, dora_weight_norm, init_dora_magnitudes
 from fsdp_qlora.peft.lora import LoRALinear, apply_lora, lora_scaling
@@ -40,7 +41,7 @@ def peft_and_ours(base: nn.Module, r: int, alpha: float, targets: list[str] | st
     """The same base wrapped by PEFT and by us, sharing random adapter weights (B nonzero, m moved
     away from its init) so that every term of the DoRA formula matters."""
     ours = copy.deepcopy(base)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, use_dora=use_dora,
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=peft_target_modules(targets), lora_dropout=dropout, use_dora=use_dora,
                         use_rslora=use_rslora)
     peft_model = get_peft_model(copy.deepcopy(base), config)
     apply_lora(ours, targets, r, alpha, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora)

@@ -23,6 +23,7 @@ from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.peft import export
 from fsdp_qlora.peft.export import adapter_state_dict, load_peft_adapter, save_peft_adapter
 from fsdp_qlora.config import DEFAULT_TARGET_MODULES
+from fsdp_qlora.peft.targets import peft_target_modules
 from fsdp_qlora.peft.lora import LoRALinear, apply_lora, init_lora_parameters
 from tests.conftest import run_python
 
@@ -35,6 +36,11 @@ def tiny_llama(hidden: int = 64, intermediate: int = 128, seed: int = 0,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def linears_named(targets: list[str]) -> int:
+    """Linears per Llama layer that `targets` adapt (all-linear: all 7)."""
+    return 7 if targets == ["all-linear"] else len(targets)
 
 
 def nf4_round_trip_linears(model: nn.Module) -> None:
@@ -50,7 +56,7 @@ def nf4_round_trip_linears(model: nn.Module) -> None:
 def peft_and_ours(base: nn.Module, r: int, alpha: float, targets: list[str]) -> tuple[nn.Module, nn.Module]:
     """The same base wrapped by PEFT and by us, sharing random (nonzero B) adapter weights."""
     ours = copy.deepcopy(base)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=peft_target_modules(targets),
                                                                 lora_dropout=0.0))
     apply_lora(ours, targets, r, alpha, dropout=0.0)
     generator = torch.Generator().manual_seed(123)
@@ -101,7 +107,7 @@ def test_llama_forward_and_grads_match_peft(dtype, nf4, r, alpha, hidden, interm
     torch.testing.assert_close(ours_logits, peft_logits, **EXACT)
     torch.testing.assert_close(ours_input_grad, peft_input_grad, **EXACT)
     peft_grads, ours_grads = lora_grads(peft_model, "base_model.model."), lora_grads(ours)
-    assert sorted(ours_grads) == sorted(peft_grads) and len(ours_grads) == 2 * 2 * len(targets)
+    assert sorted(ours_grads) == sorted(peft_grads) and len(ours_grads) == 2 * 2 * linears_named(targets)
     for name, grad in ours_grads.items():
         assert grad.dtype == torch.float32 and grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, peft_grads[name], **EXACT, msg=name)
@@ -173,7 +179,7 @@ def test_init_matches_peft_default(dtype):
     base = tiny_llama(dtype=dtype)
     torch.manual_seed(5)
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16,
-                                                                target_modules=DEFAULT_TARGET_MODULES))
+                                                                target_modules=peft_target_modules(DEFAULT_TARGET_MODULES)))
     torch.manual_seed(5)
     ours = copy.deepcopy(base)
     apply_lora(ours, DEFAULT_TARGET_MODULES, r=8, alpha=16, dropout=0.0)
@@ -260,7 +266,8 @@ def test_init_after_fully_shard_gives_each_rank_its_shard_of_the_same_init():
 
 
 def test_apply_lora_names_available_layers_when_nothing_matches():
-    with pytest.raises(ValueError, match=r"linear layers in this model: \[.*'down_proj'.*'q_proj'"):
+    with pytest.raises(ValueError, match=r"no module of this model is named 'qkv_proj'; its decoder linear layers "
+                                         r"are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
         apply_lora(tiny_llama(), ["qkv_proj"], r=4, alpha=8, dropout=0.0)
     model = tiny_llama()
     apply_lora(model, ["q_proj"], r=4, alpha=8, dropout=0.0)
@@ -303,7 +310,7 @@ def test_export_round_trip_through_peft(tmp_path):
     assert any("_checkpoint_wrapped_module" in name for name in named)
     state_dict = adapter_state_dict(named)
     save_peft_adapter(adapter_dir, state_dict, str(base_dir), r=4, lora_alpha=8, lora_dropout=0.05,
-                      target_modules=targets)
+                      target_modules=peft_target_modules(targets))
 
     config = LoraConfig.from_pretrained(adapter_dir)
     assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.05)
@@ -315,7 +322,7 @@ def test_export_round_trip_through_peft(tmp_path):
     assert loaded_config["target_modules"] == sorted(targets)
     assert all("wrapped" not in key and key.startswith("base_model.model.model.layers.") for key in loaded)
     peft_state = get_peft_model_state_dict(peft_model)
-    assert sorted(peft_state) == sorted(loaded) and len(loaded) == 2 * 2 * len(targets)
+    assert sorted(peft_state) == sorted(loaded) and len(loaded) == 2 * 2 * linears_named(targets)
     for key, tensor in loaded.items():
         torch.testing.assert_close(peft_state[key], tensor, **EXACT, msg=key)
 

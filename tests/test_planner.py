@@ -108,10 +108,10 @@ def test_70b_at_context_2048_fits_two_24gb_cards_without_cpu_offload():
 
 
 def test_every_model_alias_has_a_plan():
-    from fsdp_qlora.model.sources import ALIASES
+    from fsdp_qlora.model.registry import MODELS
     from fsdp_qlora.train.planner import load_model_config
 
-    for alias in ALIASES:
+    for alias in MODELS:
         assert plan_memory(load_model_config(alias), Options()).peak > 0, alias
 
 
@@ -139,3 +139,18 @@ def test_only_lm_head_stays_gathered_and_the_embedding_gather_can_set_the_peak()
     assert short.parts["activations"] == 0 and short.peak == sum(short.parts.values())
     tied = plan_memory({**config, "tie_word_embeddings": True}, Options(context_length=64, cpu_offload=True))
     assert "embeddings_at_forward_start" not in tied.parts and tied.parts["root_unsharded"] == vocab * hidden * 2 + hidden * 2
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_static_parts_equal_a_real_sharded_model_of_another_architecture(tmp_path, arch):
+    """The planner reads the architecture from transformers' class (model/structure.py): Qwen 2's
+    q/k/v biases, Gemma 2's tied embeddings, four norms per layer and head_dim != hidden / heads."""
+    from tests.architectures import make_checkpoint
+
+    model_dir = make_checkpoint(arch, tmp_path / arch)
+    run_torchrun(REPO / "tests/workers/planner_bytes_worker.py", 2, str(model_dir), str(tmp_path / "bytes"),
+                 "adamw,8,4096,qlora", timeout=300)
+    held = json.loads((tmp_path / "bytes.rank0").read_text())["adamw,8,4096,qlora"]
+    planned = static_bytes(Geometry.from_config(json.loads((model_dir / "config.json").read_text())),
+                           Options(world_size=2))
+    assert planned == held

@@ -43,7 +43,7 @@ def build(variant: str, args, device: str) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                                target_modules=DEFAULT_TARGET_MODULES, use_dora=use_dora))
+                                                target_modules="all-linear", use_dora=use_dora))
     apply_lora(model, DEFAULT_TARGET_MODULES, args.rank, 2 * args.rank, 0.0, use_dora=use_dora)
     return model
 

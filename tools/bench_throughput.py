@@ -48,6 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fsdp_qlora.peft.targets import peft_target_modules  # noqa: E402
+
 PEERS = {
     # name: (base, layout, description)
     "bf16": ("bf16", "single", "HF PEFT LoRA, bf16 base"),
@@ -260,7 +262,8 @@ def _load_peer_model(base: str, model_dir: Path, cfg: dict, device):
     # while ours keeps everything but the adapters in bf16. PEFT keeps the adapters in fp32
     # (autocast_adapter_dtype), as ours does.
     lora = LoraConfig(r=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
-                      target_modules=list(cfg["lora_target_modules"]), bias="none", task_type="CAUSAL_LM")
+                      target_modules=peft_target_modules(list(cfg["lora_target_modules"])), bias="none",
+                      task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 

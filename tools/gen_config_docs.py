@@ -1,4 +1,5 @@
-"""Regenerate docs/configuration.md from the typed config (tests fail when it is stale).
+"""Regenerate docs/configuration.md (the typed config) and docs/models.md (the model registry);
+tests fail when either is stale.
 
     python tools/gen_config_docs.py
 """
@@ -10,9 +11,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fsdp_qlora.config import config_reference_markdown  # noqa: E402
+from fsdp_qlora.model.registry import models_reference_markdown  # noqa: E402
 
-DOC = REPO / "docs" / "configuration.md"
+DOCS = {REPO / "docs" / "configuration.md": config_reference_markdown,
+        REPO / "docs" / "models.md": models_reference_markdown}
 
 if __name__ == "__main__":
-    DOC.write_text(config_reference_markdown())
-    print(f"wrote {DOC}")
+    for doc, generate in DOCS.items():
+        doc.write_text(generate())
+        print(f"wrote {doc}")

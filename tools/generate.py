@@ -4,7 +4,9 @@ an adapter does.
     python tools/generate.py --model BASE_DIR --adapter runs/x/adapter --prompt "Name three colors."
     python tools/generate.py --model merged/ --prompt "..." --mode sample --temperature 0.8 --seed 1
 
-The prompt is wrapped in the training template (### Instruction / ### Response) unless --raw.
+The prompt is wrapped in the training template (### Instruction / ### Response), or with --chat in
+the tokenizer's chat template as one user turn (what a model trained on chat data expects), or used
+as is with --raw.
 The adapter (LoRA or DoRA, PEFT format) is merged into the weights in memory with the same code
 as tools/merge_adapter.py, so this shows what the merged/served model says. Runs on CPU or the
 first GPU; prints one section per mode (greedy, then sampled).
@@ -37,10 +39,19 @@ def load_model(model_dir: str, adapter_dir: str | None, dtype: torch.dtype, devi
     return model, tokenizer
 
 
+def chat_prompt(tokenizer, user_message: str) -> str:
+    """One user turn in the tokenizer's chat template, ending with the assistant's generation prompt."""
+    if not tokenizer.chat_template:
+        raise ConfigError("--chat: this tokenizer has no chat template; use the instruction template (no --chat) or --raw")
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, sample: bool, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int = 0) -> str:
-    """The completion only (prompt tokens cut off), special tokens removed."""
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+             top_p: float = 1.0, seed: int = 0, add_special_tokens: bool = True) -> str:
+    """The completion only (prompt tokens cut off), special tokens removed. A chat-template prompt
+    already holds its special tokens (`add_special_tokens=False`: no second bos)."""
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(model.device)
     options = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
     torch.manual_seed(seed)  # sampling draws from the global RNG: fixed, the output repeats
     with torch.no_grad():
@@ -55,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                         "directory, as train.py's --model) or a merged model directory")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory to merge in first")
     parser.add_argument("--prompt", required=True, help="the instruction (or raw text with --raw)")
-    parser.add_argument("--raw", action="store_true", help="use the prompt as is, without the training template")
+    template = parser.add_mutually_exclusive_group()
+    template.add_argument("--raw", action="store_true", help="use the prompt as is, without the training template")
+    template.add_argument("--chat", action="store_true", help="render the prompt as a user turn in the tokenizer's "
+                          "chat template (for models trained on chat data)")
     parser.add_argument("--mode", choices=("greedy", "sample", "both"), default="both")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -68,14 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_dir = resolve_model(args.model)
         model, tokenizer = load_model(str(model_dir), args.adapter, DTYPES[args.dtype], device)
+        prompt = args.prompt if args.raw else chat_prompt(tokenizer, args.prompt) if args.chat \
+            else format_prompt(args.prompt)
     except (AdapterError, ConfigError, FileNotFoundError, OSError) as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
-    prompt = args.prompt if args.raw else format_prompt(args.prompt)
     modes = ("greedy", "sample") if args.mode == "both" else (args.mode,)
     for mode in modes:
         text = generate(model, tokenizer, prompt, args.max_new_tokens, mode == "sample", args.temperature,
-                        args.top_p, args.seed)
+                        args.top_p, args.seed, add_special_tokens=not args.chat)
         print(f"=== {mode} ===\n{text}", flush=True)
     return 0
 

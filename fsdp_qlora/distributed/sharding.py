@@ -37,6 +37,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from fsdp_qlora.config import SHARDING_TYPES, ConfigError
 from fsdp_qlora.distributed.env import DistEnv
+from fsdp_qlora.model.structure import decoder_layers
 
 SHARDING_CHOICES = SHARDING_TYPES
 SHARD_DIM = "dp_shard"
@@ -131,15 +132,6 @@ def describe(mesh: DeviceMesh) -> str:
     return f"{strategy_of(mesh)} ({dims})"
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: the ModuleList with one entry per hidden layer."""
-    num_layers = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise ValueError(f"cannot find the {num_layers} decoder layers of {type(model).__name__}")
-
-
 def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.bfloat16,
                 fsdp_options: dict | None = None) -> nn.Module:
     """`fully_shard` the input embeddings, every decoder layer, then the root, on the mesh.
@@ -154,7 +146,11 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     the chunked loss uses it (train/loss.py). A tied lm_head shares the embedding's weight, so
     then both stay in the root.
     """
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: the layers get exactly what the model passes them. FSDP2's default
+    # casts every floating input to param_dtype, which rounds the fp32 rotary cos/sin OLMo 2 hands
+    # its layers (logits then differ from transformers + bitsandbytes by ~1%); hidden states are
+    # already in the compute dtype, so nothing else changes.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # fsdp_options: reshard_after_forward / offload_policy (fsdp_qlora.train.memory).
     options = dict(fsdp_options or {})
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()

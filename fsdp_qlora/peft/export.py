@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fsdp_qlora.config import DORA_TRAIN_TYPES
+from fsdp_qlora.peft.targets import is_all_linear, linear_names
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -158,9 +159,16 @@ def export_trained_adapter(output_dir: str | os.PathLike, full_tensors: dict[str
     """The run's adapter in PEFT format, from full (unsharded) adapter tensors named as in our
     model, with the settings of `cfg` (a TrainConfig). One path for train.py and tools/.
 
-    A --lora-target-regex is written as the explicit list of the modules it matched."""
+    `target_modules` is always a list of names (never PEFT's regex or `all-linear` shorthand), so
+    every loader that reads the names can apply it: the given names; for `all-linear` the names of
+    the linears it adapted (in every layer alike); for a regex the qualified names it matched."""
     state_dict = adapter_state_dict(full_tensors)
-    targets = adapted_modules(state_dict) if cfg.lora_target_regex else sorted(set(cfg.lora_target_modules))
+    if cfg.lora_target_regex:
+        targets = adapted_modules(state_dict)
+    elif is_all_linear(cfg.lora_target_modules):
+        targets = linear_names(adapted_modules(state_dict))
+    else:
+        targets = sorted(set(cfg.lora_target_modules))
     return save_peft_adapter(output_dir, state_dict, base_model_name_or_path=base_model_path,
                              r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                              target_modules=targets, use_rslora=cfg.use_rslora,

@@ -18,6 +18,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from fsdp_qlora.config import ConfigError
+from fsdp_qlora.model.structure import decoder_layers
+from fsdp_qlora.peft.targets import select_targets
+
 _V = TypeVar("_V")
 
 
@@ -25,14 +29,6 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     """alpha / r, or with rsLoRA (Kalajdzievski 2023) alpha / sqrt(r): the rank-stabilized factor
     keeps the update's magnitude from shrinking as r grows, as PEFT's `use_rslora` does."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-def target_matches(name: str, target_modules: list[str] | str) -> bool:
-    """PEFT's rule: a string is a regex the whole qualified module name must match; a list names
-    modules by their trailing name components (``q_proj`` or ``self_attn.q_proj``)."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == target or name.endswith("." + target) for target in target_modules)
 
 
 def pattern_value(name: str, patterns: dict[str, _V] | None, default: _V) -> _V:
@@ -108,8 +104,8 @@ def apply_lora(model: nn.Module, target_modules: list[str] | str, r: int, alpha:
                dtype: torch.dtype = torch.float32, *, use_rslora: bool = False, use_dora: bool = False,
                rank_pattern: dict[str, int] | None = None,
                alpha_pattern: dict[str, float] | None = None) -> list[str]:
-    """Wrap every submodule matching `target_modules` (PEFT's rule, `target_matches`) in a
-    `LoRALinear`, or a `DoRALinear` with `use_dora`.
+    """Wrap every submodule matching `target_modules` (PEFT's rule, `peft/targets.py`; `all-linear`:
+    every linear layer inside the decoder layers) in a `LoRALinear`, or a `DoRALinear` with `use_dora`.
 
     `rank_pattern` / `alpha_pattern` override r / alpha per module, as PEFT's config fields do.
     Freezes every existing parameter; only the new adapters train. Works on a meta-device model
@@ -119,16 +115,15 @@ def apply_lora(model: nn.Module, target_modules: list[str] | str, r: int, alpha:
     """
     from fsdp_qlora.peft.dora import DoRALinear  # dora.py builds on this module
 
-    matched = [(name, module) for name, module in model.named_modules()
-               if name and target_matches(name, target_modules)]
-    if not matched:
-        raise ValueError(f"no module matches target_modules={target_modules!r}; "
-                         f"linear layers in this model: {_linear_layer_names(model)}")
+    modules = dict(model.named_modules())
+    names = select_targets([name for name in modules if name], decoder_linear_names(model), target_modules)
+    matched = [(name, modules[name]) for name in names]
     for name, module in matched:
         if isinstance(module, LoRALinear):
             raise ValueError(f"{name} already has a LoRA adapter (apply_lora called twice?)")
         if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
-            raise TypeError(f"{name} ({type(module).__name__}) is not a linear layer and cannot take LoRA")
+            raise ConfigError(f"{name} ({type(module).__name__}) is not a linear layer and cannot take LoRA: "
+                              "name linear layers in --lora-target-modules (or pass all-linear)")
 
     model.requires_grad_(False)
     for name, module in matched:
@@ -185,6 +180,16 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
-def _linear_layer_names(model: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if name and hasattr(module, "in_features") and hasattr(module, "out_features")})
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the linear layers (nn.Linear or NF4Linear: anything with in/out features)
+    inside the model's decoder layers, in module order, adapters' own linears excluded; [] for a
+    model without decoder layers."""
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
+        return []
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    adapted = [name + "." for name, module in layers.named_modules() if isinstance(module, LoRALinear)]
+    return [f"{prefix}.{name}" for name, module in layers.named_modules()
+            if name and hasattr(module, "in_features") and hasattr(module, "out_features")
+            and not isinstance(module, LoRALinear) and not name.startswith(tuple(adapted))]

@@ -22,7 +22,8 @@ from fsdp_qlora.distributed.sharding import build_mesh, shard_size
 from fsdp_qlora.metrics.logger import MetricsLogger
 from fsdp_qlora.metrics.progress import Progress
 from fsdp_qlora.metrics.system import flops_per_token, memory_scalars, peak_tflops
-from fsdp_qlora.model.loader import build_qlora_model
+from fsdp_qlora.model.gguf import gguf_note
+from fsdp_qlora.model.loader import build_qlora_model, check_model
 from fsdp_qlora.model.sources import resolve_model
 from fsdp_qlora.peft.export import export_trained_adapter
 from fsdp_qlora.peft.lora import adapter_param_groups
@@ -37,10 +38,13 @@ from fsdp_qlora.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, PreemptionFl
 def train(cfg: TrainConfig) -> Path:
     """Run one training job; returns the run directory. Every rank calls this."""
     model_dir = resolve_model(cfg.model, cfg.model_cache_dir)  # validates before any weight loads
+    check_model(model_dir, cfg)  # architecture and adapter targets, from config.json on the meta device
     env = init_distributed(timeout_s=cfg.collective_timeout_s, rdzv_timeout_s=cfg.rdzv_timeout_s)
     try:
         check_device_options(cfg, env.device)  # e.g. --cpu-offload without a GPU: fail before any work
         run_dir = _prepare_run_dir(cfg, env)
+        if env.is_main and gguf_note(model_dir):
+            print(gguf_note(model_dir), flush=True)  # weights dequantized from a k-bit GGUF keep its error
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # tokenized once (rank 0, then per node) and cached; data errors surface before weights load
         data = build_train_data(cfg, tokenizer, env.rank, env.world_size, env.is_main, env.local_rank)

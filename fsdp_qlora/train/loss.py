@@ -15,6 +15,11 @@ pre-backward hook as it would on real logits. The root is not resharded after fo
 keeps the root's parameters unsharded until backward ends), so ``lm_head`` holds its
 all-gathered weight for the chunks, in forward and in the backward recomputation.
 
+A final logit soft-cap (Gemma 2/3: ``cap * tanh(logits / cap)``, applied by the model's forward
+right after lm_head) is switched off in the model's config for the bypassed call and applied to
+each chunk of logits here instead; which config key holds it is registry data
+(`model/registry.py`), not a branch on the model type.
+
 Numerics: every chunk's logits are the same bf16 matmul rows as the full projection, and the
 loss is the same fp32 cross-entropy terms summed in another order; the difference is fp32
 summation rounding (relative ~1e-7 per step), not an approximation.
@@ -31,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fsdp_qlora.data.sft import IGNORE_INDEX
 from fsdp_qlora.data.packing import model_inputs
+from fsdp_qlora.model.registry import architecture
 
 # With lm_head bypassed (`final_hidden_states`), the root returns Hugging Face's slice of the
 # hidden states, a view, and FSDP2 warns that an in-place op on it would drop its pre-backward
@@ -51,27 +57,47 @@ def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     """Run the (FSDP-wrapped) model with lm_head bypassed: (final-norm hidden states, lm_head)."""
     lm_head = model.get_output_embeddings()
     model.set_output_embeddings(nn.Identity())
+    key = _softcap_key(model)
+    cap = getattr(model.config, key) if key else None
+    if key:
+        setattr(model.config, key, None)  # the forward would soft-cap the hidden states otherwise
     try:
         hidden = model(**model_inputs(batch)).logits
     finally:
         model.set_output_embeddings(lm_head)
+        if key:
+            setattr(model.config, key, cap)
     return hidden, lm_head
 
 
-def _chunk_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+def logit_softcap(model: nn.Module) -> float | None:
+    key = _softcap_key(model)
+    return getattr(model.config, key, None) if key else None
+
+
+def _softcap_key(model: nn.Module) -> str:
+    arch = architecture(getattr(model.config, "model_type", ""))
+    return arch.logit_softcap_key if arch and getattr(model.config, arch.logit_softcap_key, None) else ""
+
+
+def _chunk_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                    softcap: float | None = None) -> torch.Tensor:
+    logits = lm_head(hidden)
+    if softcap:  # in the logits' dtype, as the model's forward computes it
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def chunked_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
     """Sum of next-token cross-entropies (fp32), `chunk_tokens` positions of logits at a time."""
+    softcap = logit_softcap(model)
     hidden, lm_head = final_hidden_states(model, batch)
     hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
     labels = batch["labels"][:, 1:].reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.size(0), chunk_tokens):
         stop = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss_sum, lm_head, hidden[start:stop], labels[start:stop],
+        total = total + checkpoint(_chunk_loss_sum, lm_head, hidden[start:stop], labels[start:stop], softcap,
                                    use_reentrant=False)
     return total
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fsdp_qlora.model.registry import MODELS, alias_config
+
 GIB = 2**30
 NF4_BLOCK, NESTED_BLOCK, BNB_BLOCK = 64, 256, 256
 RUNTIME_OVERHEAD = int(0.75 * GIB)  # CUDA context + cuBLAS workspace + NCCL buffers (not in max_memory_allocated)
@@ -37,27 +39,8 @@ FRAGMENTATION = 0.05
 # gradient, and the bf16 logits and their gradient (the fp32 upcast is freed once log-softmax ran).
 LOGIT_BYTES = 4 + 4 + 2 + 2
 
-# config.json values of models the planner knows without a download (Hugging Face's published configs).
-_LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                   num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
-_LLAMA3_70B = {**_LLAMA2_70B, "vocab_size": 128256}
-_LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-_LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)
-_MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                   num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
-_QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                  num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
-_QWEN25_72B = dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-                   num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama-70b": _LLAMA2_70B, "llama-2-70b": _LLAMA2_70B,
-    "llama-3-70b": _LLAMA3_70B, "llama-3.1-70b": _LLAMA3_70B,
-    "llama-3-8b": _LLAMA3_8B, "llama-3.1-8b": _LLAMA3_8B,
-    "llama-2-7b": _LLAMA2_7B,
-    "mistral-7b": _MISTRAL_7B, "qwen-2.5-7b": _QWEN25_7B, "qwen-2.5-72b": _QWEN25_72B,
-}
+# config.json values of the aliases (Hugging Face's published configs): model/registry.py.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {alias: spec.config for alias, spec in MODELS.items() if spec.config}
 
 
 def load_model_config(model: str) -> dict[str, Any]:
@@ -66,8 +49,9 @@ def load_model_config(model: str) -> dict[str, Any]:
         from fsdp_qlora.model.tiny_llama import TINY_LLAMA_CONFIG
 
         return dict(TINY_LLAMA_CONFIG)
-    if model in KNOWN_CONFIGS:
-        return dict(KNOWN_CONFIGS[model])
+    known = alias_config(model)
+    if known is not None:
+        return known
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"
@@ -81,6 +65,9 @@ def load_model_config(model: str) -> dict[str, Any]:
 
 @dataclass
 class Geometry:
+    """Sizes from config.json for the activation model, and the exact parameter shapes of the
+    architecture (its linears, norms, embeddings) from transformers' class (model/structure.py)."""
+
     hidden: int
     intermediate: int
     layers: int
@@ -89,20 +76,36 @@ class Geometry:
     head_dim: int
     vocab: int
     tied: bool
+    layer_linears: dict[str, tuple[int, int]]  # one decoder layer: name in the layer -> (out, in)
+    layer_biases: dict[str, int]
+    layer_frozen: tuple[tuple[int, ...], ...]  # norms (and q/k norms) of one layer
+    root_frozen: tuple[tuple[int, ...], ...]  # embeddings, final norm, lm_head (once when tied)
+    layer_prefix: str = "model.layers.0."  # the first layer's qualified name, for target rules
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Geometry":
+        from fsdp_qlora.model.structure import model_shapes  # torch + transformers: only when planning
+
+        shapes = model_shapes(config)
         heads = config["num_attention_heads"]
-        return cls(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], heads,
+        return cls(config["hidden_size"], config["intermediate_size"], shapes.layers, heads,
                    config.get("num_key_value_heads") or heads,
                    config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
-                   bool(config.get("tie_word_embeddings", False)))
+                   shapes.tied, shapes.linears, shapes.biases, shapes.layer_frozen, shapes.root_frozen,
+                   shapes.layer_prefix)
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(out_features, in_features) of one decoder layer's linears."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        """(out_features, in_features) of one decoder layer's linears, by their name in the layer."""
+        return self.layer_linears
+
+    def targets(self, target_modules: tuple[str, ...] | list[str] | str) -> list[str]:
+        """The names of one layer's linears that get adapters: the loader's rule (peft/targets.py)
+        on the qualified names, a regex (a str) included."""
+        from fsdp_qlora.peft.targets import select_targets
+
+        qualified = [self.layer_prefix + name for name in self.layer_linears]
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        return [name.removeprefix(self.layer_prefix) for name in select_targets(qualified, qualified, targets)]
 
 
 def _chunk(n: int, world: int) -> int:
@@ -127,8 +130,8 @@ class Options:
     batch_size: int = 1
     lora_rank: int = 8
     lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj")
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    lora_target_regex: str = ""  # replaces lora_target_modules when set, as in the loader
     optimizer: str = "adamw"
     min_8bit_size: int = 4096
     loss_chunk_tokens: int = 1024
@@ -171,14 +174,15 @@ def static_bytes(geo: Geometry, opt: Options) -> dict[str, int]:
             codes, constants = codes + c, constants + q
         else:  # lora/dora: the frozen base linears stay bf16
             dense_linears += _chunk(out_f, w) * in_f * 2
-    frozen = _chunk(geo.vocab, w) * geo.hidden * 2 * (1 if geo.tied else 2)
-    frozen += _chunk(geo.hidden, w) * 2 * (2 * geo.layers + 1)  # RMSNorm weights
+    frozen = sum(_sharded_elements(shape, w) * 2 for shape in geo.root_frozen)  # embeddings, lm_head, final norm
+    layer_frozen = sum(_sharded_elements(shape, w) * 2 for shape in geo.layer_frozen)  # norms
+    layer_frozen += sum(_chunk(out_f, w) * 2 for out_f in geo.layer_biases.values())  # linear biases (bf16)
     adapter_elems, optimizer = 0, 0
-    targets = set(opt.lora_target_modules)
-    shapes = [(r, in_f) for n, (_, in_f) in geo.linears().items() if n in targets]  # lora_A (r, in)
-    shapes += [(out_f, r) for n, (out_f, _) in geo.linears().items() if n in targets]  # lora_B (out, r)
+    targets = geo.targets(opt.lora_target_regex or opt.lora_target_modules)
+    shapes = [(r, geo.linears()[n][1]) for n in targets]  # lora_A (r, in)
+    shapes += [(geo.linears()[n][0], r) for n in targets]  # lora_B (out, r)
     if opt.train_type in ("qdora", "dora"):
-        shapes += [(out_f,) for n, (out_f, _) in geo.linears().items() if n in targets]  # lora_magnitude_vector
+        shapes += [(geo.linears()[n][0],) for n in targets]  # lora_magnitude_vector
     for shape in shapes:
         rows, cols = shape[0], math.prod(shape[1:])
         local = _chunk(rows, w) * cols
@@ -187,11 +191,16 @@ def static_bytes(geo: Geometry, opt: Options) -> dict[str, int]:
     return {
         "nf4_weights": codes * geo.layers,
         "quant_constants": constants * geo.layers,
-        "frozen_bf16": frozen + dense_linears * geo.layers,
+        "frozen_bf16": frozen + (dense_linears + layer_frozen) * geo.layers,
         "adapter_params": adapter_elems * 4 * geo.layers,
         "adapter_grads": adapter_elems * 4 * geo.layers,
         "optimizer_state": optimizer * geo.layers,
     }
+
+
+def _sharded_elements(shape: tuple[int, ...], world: int) -> int:
+    """Rank 0's elements of a parameter FSDP2 splits by rows (torch.chunk)."""
+    return _chunk(shape[0], world) * math.prod(shape[1:]) if shape else 1
 
 
 def _optimizer_bytes(shape: tuple[int, ...], local: int, opt: Options) -> int:
@@ -217,7 +226,7 @@ def activation_bytes_per_token_layer(geo: Geometry, opt: Options) -> int:
     """
     h, kv, i = geo.hidden, geo.kv_heads * geo.head_dim, geo.intermediate
     total = 12 * h + 6 * h + 6 * kv + 4 * geo.heads + 8 * i
-    targets = [n for n in geo.linears() if n in set(opt.lora_target_modules)]
+    targets = geo.targets(opt.lora_target_regex or opt.lora_target_modules)
     if opt.lora_dropout > 0:
         total += sum(3 * geo.linears()[n][1] + 2 * opt.lora_rank for n in targets)
     else:
@@ -232,7 +241,7 @@ def dora_temporary_bytes_per_token(geo: Geometry, opt: Options) -> int:
     ratio times the base and adapter outputs in forward, their gradients in backward (~2 alive)."""
     if opt.train_type not in ("qdora", "dora"):
         return 0
-    return 8 * max(geo.linears()[n][0] for n in geo.linears() if n in set(opt.lora_target_modules))
+    return 8 * max(geo.linears()[n][0] for n in geo.targets(opt.lora_target_regex or opt.lora_target_modules))
 
 
 def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
@@ -246,7 +255,7 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     else:  # bf16 base: gathered as is, nothing to dequantize
         layer_full, biggest_bf16 = sum(o * i * 2 for o, i in geo.linears().values()), 0
     layer_adapter = sum((geo.linears()[n][1] + geo.linears()[n][0]) * opt.lora_rank
-                        for n in geo.linears() if n in set(opt.lora_target_modules))
+                        for n in geo.targets(opt.lora_target_regex or opt.lora_target_modules))
     gathered_layers = 2 if opt.reshard_after_forward else geo.layers + 1  # current + prefetched (or all)
     parts: dict[str, int] = {}
     host: dict[str, int] = {}

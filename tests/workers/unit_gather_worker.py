@@ -14,7 +14,8 @@ from torch.distributed.tensor import DTensor
 
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
-from fsdp_qlora.distributed.sharding import build_mesh, decoder_layers
+from fsdp_qlora.distributed.sharding import build_mesh
+from fsdp_qlora.model.structure import decoder_layers
 from fsdp_qlora.model.loader import build_qlora_model
 
 

@@ -1,0 +1,58 @@
+"""The oracles: transformers + bitsandbytes 4-bit, as a QLoRA user of PEFT loads it, and PEFT itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+QUANT_PARTS = ("packed", "absmax_q", "nested_absmax", "offset")
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes in row-major order (any dtype, any shape, 0-dim included). Hashes a
+    copy: numpy would pin the storage, which FSDP2 must be able to free on reshard."""
+    import hashlib
+
+    data = tensor.detach().reshape(-1).view(torch.uint8).clone()
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+def bnb_4bit_model(model_dir: Path):
+    """transformers' own class with bitsandbytes NF4 + double quantization, bf16 compute."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.bfloat16).eval()
+
+
+def bnb_nf4_digests(model) -> dict[str, str]:
+    """Digests of every decoder layer's 4-bit weights as bitsandbytes holds them, keyed as
+    tests/workers/arch_layout_worker.py keys ours."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from fsdp_qlora.model.structure import decoder_layers
+
+    tensors = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, module in layer.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                state = module.weight.quant_state
+                key = f"layers.{index}.{name}"
+                parts = (module.weight.data, state.absmax, state.state2.absmax, state.offset)
+                tensors.update({f"{key}.{part}": tensor_digest(t) for part, t in zip(QUANT_PARTS, parts)})
+                tensors[f"{key}.dequantized"] = tensor_digest(bnbf.dequantize_4bit(module.weight.data, state))
+    return tensors
+
+
+def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits, computed with autograd on: bitsandbytes' training path (what QLoRA training runs).
+
+    Under no_grad in eval mode, on a CPU with AVX512-BF16, bitsandbytes instead repacks the weights
+    for a fused inference kernel that rounds the absmax to bf16: another computation, not the oracle.
+    """
+    with torch.enable_grad():
+        return model(input_ids=input_ids).logits.float().detach()
+

@@ -1,0 +1,65 @@
+"""The NF4 base and logits of each model under one layout (tests/test_architectures.py).
+
+argv: <output dir> <sharding> <runs dir or -> <model dir>... Every rank builds each model exactly as
+train.py does (adapters at their zero init, so the logits are the base's; or, given a runs dir, with
+<runs dir>/<model dir name>/adapter installed), runs the same fixed token ids, and rank 0 writes
+<output dir>/<model dir name>.safetensors (the logits) and .json (the sha256 of every decoder
+linear's NF4 bytes and dequantized weight, as the all-gathered whole tensor: tests/oracles.py).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fsdp_qlora.config import TrainConfig
+from fsdp_qlora.distributed.env import init_distributed, shutdown
+from fsdp_qlora.distributed.sharding import build_mesh
+from fsdp_qlora.model.loader import build_qlora_model, install_adapter
+from fsdp_qlora.model.nf4 import NF4Tensor
+from fsdp_qlora.model.quantized_linear import NF4Linear
+from fsdp_qlora.model.structure import decoder_layers
+from fsdp_qlora.peft.export import load_peft_adapter
+from tests.oracles import QUANT_PARTS, tensor_digest
+
+IDS = torch.randint(4, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def base_digests(model) -> dict[str, str]:
+    tensors = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.unshard()  # FSDP2 all-gathers the layer: the NF4 weights are whole tensors now
+        for name, module in layer.named_modules():
+            if isinstance(module, NF4Linear):
+                weight = module.weight
+                assert isinstance(weight, NF4Tensor) and weight.first_block == 0
+                key = f"layers.{index}.{name.removesuffix('.base')}"
+                for part, tensor in zip(QUANT_PARTS, weight.inner_tensors()):
+                    tensors[f"{key}.{part}"] = tensor_digest(tensor)
+                tensors[f"{key}.dequantized"] = tensor_digest(weight.dequantize())
+        layer.reshard()
+    return tensors
+
+
+def main() -> None:
+    out_dir, sharding, runs, model_dirs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    env = init_distributed()
+    mesh = build_mesh(env, sharding)
+    for model_dir in map(Path, model_dirs):
+        cfg = TrainConfig(model=str(model_dir), lora_dropout=0.0, sharding=sharding)
+        model = build_qlora_model(model_dir, cfg, env, mesh).eval()
+        if runs != "-":
+            install_adapter(model, load_peft_adapter(Path(runs) / model_dir.name / "adapter")[1])
+        with torch.no_grad():
+            logits = model(input_ids=IDS).logits.float()
+        digests = base_digests(model)
+        if env.is_main:
+            save_file({"logits": logits.contiguous()}, str(out_dir / f"{model_dir.name}.safetensors"))
+            (out_dir / f"{model_dir.name}.json").write_text(json.dumps(digests, indent=0))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
