@@ -3,39 +3,13 @@
     torchrun --nproc_per_node 2 train.py [flags]      # one process per GPU (or CPU rank)
     python train.py [flags]                           # a single process, same flags
 
-`python train.py --help` lists every flag; docs/configuration.md explains them.
+`python train.py --help` lists every flag; docs/configuration.md explains them. The code is
+fsdp_qlora/cli/train.py (also installed as the `fsdp-qlora-train` command).
 """
 
-import os
 import sys
 
-from fsdp_qlora.config import ConfigError, parse_config
-from fsdp_qlora.train.signals import TrainingInterrupted
-
-
-def main() -> int:
-    try:
-        cfg = parse_config(prog="train.py")
-        if cfg.plan:  # a dry run: the memory plan from the model config alone, no weights loaded
-            from fsdp_qlora.train.planner import report_plan
-
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
-            return report_plan(cfg, world_size) if os.environ.get("RANK", "0") == "0" else 0
-        from fsdp_qlora.train.loop import train  # heavy imports only once the flags are valid
-
-        run_dir = train(cfg)
-    except ConfigError as err:
-        if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
-            print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as stop:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"train.py: {stop}", file=sys.stderr)
-        return stop.exit_code
-    if os.environ.get("RANK", "0") == "0":
-        print(f"done: adapter in {run_dir / 'adapter'}")
-    return 0
-
+from fsdp_qlora.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

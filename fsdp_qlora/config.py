@@ -24,13 +24,16 @@ from typing import Any
 
 import yaml
 
+from fsdp_qlora.errors import ConfigError  # noqa: F401  (config.ConfigError: the name users catch)
 
-class ConfigError(ValueError):
-    """Bad user input: reported as one line, exit code 2, before any expensive work."""
+# `on_resume` marks a field a resumed run must keep (checked before data or weights load):
+# SAME_SHAPE fields shape the checkpoint's tensors (adapter, optimizer state); SAME_DATA fields decide
+# which examples the saved data position counts (checkpoint/manager.py: check_resume_settings).
+SAME_SHAPE, SAME_DATA = "shape", "data"
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
-    metadata = {"help": help, "choices": choices}
+def _opt(default: Any, help: str, choices: tuple | None = None, on_resume: str | None = None, **kw) -> Any:
+    metadata = {"help": help, "choices": choices, "on_resume": on_resume}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
@@ -51,28 +54,28 @@ class TrainConfig:
     # -- model and data --
     model: str = _opt("tiny-llama", "model alias (see docs), hub id, or local directory with config.json + *.safetensors")
     dataset: str = _opt("sample", "'sample' (bundled), a local .json/.jsonl/.parquet/.csv/.txt file, a directory "
-                        "saved with datasets' save_to_disk, or a hub dataset id (docs/data.md)")
-    dataset_config: str = _opt("", "hub dataset config (subset) name, e.g. 'main'")
-    dataset_split: str = _opt("train", "split to train on (hub datasets and save_to_disk directories)")
+                        "saved with datasets' save_to_disk, or a hub dataset id (docs/data.md)", on_resume=SAME_DATA)
+    dataset_config: str = _opt("", "hub dataset config (subset) name, e.g. 'main'", on_resume=SAME_DATA)
+    dataset_split: str = _opt("train", "split to train on (hub datasets and save_to_disk directories)", on_resume=SAME_DATA)
     dataset_format: str = _opt("auto", "instruction: alpaca-style columns; chat: a list of role/content messages "
                                "rendered with the tokenizer's chat template, loss on assistant turns; text: raw text, "
-                               "loss on all of it; auto: from the columns", choices=DATASET_FORMATS)
-    instruction_column: str = _opt("instruction", "instruction format: the instruction column")
-    input_column: str = _opt("input", "instruction format: the optional input column")
-    output_column: str = _opt("output", "instruction format: the response column (the only one with loss)")
-    messages_column: str = _opt("messages", "chat format: the column holding the list of {role, content} messages")
-    text_column: str = _opt("text", "text format: the column of raw text")
+                               "loss on all of it; auto: from the columns", choices=DATASET_FORMATS, on_resume=SAME_DATA)
+    instruction_column: str = _opt("instruction", "instruction format: the instruction column", on_resume=SAME_DATA)
+    input_column: str = _opt("input", "instruction format: the optional input column", on_resume=SAME_DATA)
+    output_column: str = _opt("output", "instruction format: the response column (the only one with loss)", on_resume=SAME_DATA)
+    messages_column: str = _opt("messages", "chat format: the column holding the list of {role, content} messages", on_resume=SAME_DATA)
+    text_column: str = _opt("text", "text format: the column of raw text", on_resume=SAME_DATA)
     dataset_streaming: bool = _opt(False, "stream the dataset instead of downloading and caching it whole "
-                                   "(needs --max-steps; tokenized on the fly by each rank)")
+                                   "(needs --max-steps; tokenized on the fly by each rank)", on_resume=SAME_DATA)
     dataset_num_proc: int = _opt(0, "processes that tokenize (datasets' num_proc); 0 = the main process only")
     truncation: str = _opt("truncate", "examples longer than --context-length: truncate them or drop them "
-                           "(counted and reported either way)", choices=TRUNCATION_MODES)
+                           "(counted and reported either way)", choices=TRUNCATION_MODES, on_resume=SAME_DATA)
     packing: bool = _opt(False, "pack several examples per --context-length sequence, attention and positions "
-                         "restricted to each example (docs/data.md)")
+                         "restricted to each example (docs/data.md)", on_resume=SAME_DATA)
     group_by_length: bool = _opt(False, "without --packing: batch examples of similar length together "
-                                 "(less padding), batches still in a seeded random order")
-    eval_split: str = _opt("", "split to evaluate on (e.g. 'test'); exclusive with --eval-fraction")
-    eval_fraction: float = _opt(0.0, "hold out this fraction of the training split (seeded) for evaluation")
+                                 "(less padding), batches still in a seeded random order", on_resume=SAME_DATA)
+    eval_split: str = _opt("", "split to evaluate on (e.g. 'test'); exclusive with --eval-fraction", on_resume=SAME_DATA)
+    eval_fraction: float = _opt(0.0, "hold out this fraction of the training split (seeded) for evaluation", on_resume=SAME_DATA)
     eval_every: int = _opt(0, "evaluate every N optimizer steps (and at the end); 0 = at the end only, "
                            "when there is an eval set")
     eval_batch_size: int = _opt(0, "sequences per rank per eval forward; 0 = --batch-size")
@@ -83,18 +86,18 @@ class TrainConfig:
                              "(positioned reads, overlapped with quantization); 1 = one read at a time")
     # -- adapter --
     train_type: str = _opt("qlora", "qlora: NF4 base + LoRA; qdora: NF4 base + DoRA; lora / dora: bf16 base "
-                           "(no quantization) + LoRA / DoRA (docs/adapters.md)", choices=TRAIN_TYPES)
-    lora_rank: int = _opt(8, "LoRA rank r")
+                           "(no quantization) + LoRA / DoRA (docs/adapters.md)", choices=TRAIN_TYPES, on_resume=SAME_SHAPE)
+    lora_rank: int = _opt(8, "LoRA rank r", on_resume=SAME_SHAPE)
     lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora)")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     lora_target_modules: list[str] = _opt(DEFAULT_TARGET_MODULES, "linear layers that get adapters: all-linear (every "
                                           "linear inside every decoder layer, whatever the architecture names it) or "
                                           "names matched against the end of module names (q_proj, self_attn.o_proj); "
-                                          "a name that matches nothing is an error")
+                                          "a name that matches nothing is an error", on_resume=SAME_SHAPE)
     lora_target_regex: str = _opt("", "regex the full module name must match (e.g. 'model\\.layers\\.\\d+\\.mlp\\..*_proj'); "
-                                  "replaces --lora-target-modules when set")
+                                  "replaces --lora-target-modules when set", on_resume=SAME_SHAPE)
     lora_rank_pattern: list[str] = _opt([], "per-module rank overrides PATTERN=R, PATTERN a regex matching the end of "
-                                       "the module name (PEFT's rank_pattern), e.g. down_proj=16")
+                                       "the module name (PEFT's rank_pattern), e.g. down_proj=16", on_resume=SAME_SHAPE)
     lora_alpha_pattern: list[str] = _opt([], "per-module alpha overrides PATTERN=ALPHA (PEFT's alpha_pattern)")
     use_rslora: bool = _opt(False, "rank-stabilized LoRA: scale the update by alpha/sqrt(r) instead of alpha/r")
     loraplus_lr_ratio: float = _opt(1.0, "LoRA+: lora_B (and DoRA's magnitude) learn at --lr times this; 1 = off "
@@ -102,14 +105,14 @@ class TrainConfig:
     # -- batch and schedule --
     batch_size: int = _opt(4, "sequences per rank per micro-step")
     grad_accum_steps: int = _opt(1, "micro-steps per optimizer step")
-    context_length: int = _opt(512, "maximum tokens per sequence (longer examples are truncated)")
+    context_length: int = _opt(512, "maximum tokens per sequence (longer examples are truncated)", on_resume=SAME_DATA)
     max_steps: int = _opt(-1, "optimizer steps; -1 = run --num-epochs epochs")
     num_epochs: int = _opt(1, "epochs over the dataset when --max-steps is -1")
     lr: float = _opt(2e-4, "peak learning rate (AdamW)")
     warmup_steps: int = _opt(10, "linear warmup steps, then cosine decay to 0")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables")
-    seed: int = _opt(42, "seed for adapter init, data order and dropout")
+    seed: int = _opt(42, "seed for adapter init, data order and dropout", on_resume=SAME_DATA)
     # -- logging --
     log_every: int = _opt(1, "log metrics every N optimizer steps")
     # -- checkpoints and failures --
@@ -122,9 +125,9 @@ class TrainConfig:
     # -- memory (docs/memory.md) --
     optimizer: str = _opt("adamw", "adamw (torch, fp32 state), adamw8bit (bitsandbytes, 8-bit blockwise state), "
                           "paged_adamw / paged_adamw8bit (bitsandbytes, state in CUDA unified memory; GPU only)",
-                          choices=OPTIMIZERS)
+                          choices=OPTIMIZERS, on_resume=SAME_SHAPE)
     min_8bit_size: int = _opt(4096, "8-bit optimizers: parameters with fewer elements (or whose shards are not whole "
-                              "256-element blocks) keep 32-bit state, as in bitsandbytes")
+                              "256-element blocks) keep 32-bit state, as in bitsandbytes", on_resume=SAME_SHAPE)
     loss_chunk_tokens: int = _opt(1024, "compute lm_head + cross-entropy this many tokens at a time, recomputed in "
                                   "backward, so the full fp32 logits never exist; 0 = all logits at once")
     activation_checkpointing: bool = _opt(False, "recompute decoder layers in backward instead of keeping their "
@@ -186,10 +189,6 @@ class TrainConfig:
             except re.error as err:
                 raise ConfigError(f"--{name} {pattern!r} is not a valid regex ({err}): fix or quote it") from None
         return self
-
-    def adapter_targets(self) -> list[str] | str:
-        """PEFT's `target_modules`: the regex when given (a str), else the list of names."""
-        return self.lora_target_regex or list(self.lora_target_modules)
 
     def rank_pattern(self) -> dict[str, int]:
         return _patterns("lora-rank-pattern", self.lora_rank_pattern, int)
@@ -255,6 +254,11 @@ def _flag(name: str) -> str:
 
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
+
+
+def resume_fields(kind: str) -> list[str]:
+    """The settings marked `on_resume=kind` (SAME_SHAPE or SAME_DATA), in field order."""
+    return [f.name for f in config_fields() if f.metadata.get("on_resume") == kind]
 
 
 def _field_type(f: dataclasses.Field) -> Any:

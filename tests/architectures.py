@@ -43,7 +43,7 @@ def make_checkpoint(model_type: str, output_dir: Path, seed: int = 0, **override
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random norms and biases (init leaves them at 1 / 0), so that loading them shows
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.ndim == 1:
                 param.add_(torch.randn_like(param) * 0.1)
     model.to(torch.bfloat16).save_pretrained(output_dir, max_shard_size="300KB")

@@ -5,7 +5,8 @@ import json
 import pytest
 import yaml
 
-from fsdp_qlora.config import ConfigError, TrainConfig, build_parser, config_fields, parse_config
+from fsdp_qlora.config import TrainConfig, build_parser, config_fields, parse_config
+from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.model.sources import resolve_model
 from tests.conftest import REPO, run_python, subprocess_env
 
@@ -172,3 +173,16 @@ def test_models_reference_is_up_to_date():
 
     doc = (REPO / "docs" / "models.md").read_text()
     assert doc == models_reference_markdown(), "docs/models.md is stale: run python tools/gen_config_docs.py"
+
+
+def test_console_entry_points_are_installed_and_run():
+    """pyproject's [project.scripts]: each command maps to a main() that parses its flags."""
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("fsdp-qlora-")}
+    assert set(scripts) == {f"fsdp-qlora-{n}" for n in ("train", "plan", "export", "merge", "generate")}
+    for ep in scripts.values():
+        assert callable(ep.load())
+    proc = run_python("-c", "import sys; from fsdp_qlora.cli.plan import main; sys.exit(main(['--model', "
+                      "'llama-3-8b', '--world-size', '1']))")
+    assert proc.returncode == 0 and "memory plan for llama-3-8b" in proc.stdout, proc.stderr[-2000:]

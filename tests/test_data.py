@@ -10,8 +10,13 @@ import torch
 from transformers import AutoTokenizer
 
 from fsdp_qlora.data.make_sample_data import SAMPLE_DATASET_PATH, make_examples
-from fsdp_qlora.data.sft import (IGNORE_INDEX, build_dataloader, format_prompt, load_instruction_dataset,
-                                 tokenize_example)
+from fsdp_qlora.data.sft import (
+    IGNORE_INDEX,
+    build_dataloader,
+    format_prompt,
+    load_instruction_dataset,
+    tokenize_example,
+)
 from fsdp_qlora.model.tiny_llama import ensure_tiny_llama
 
 CONTEXT_LENGTH = 256
@@ -132,8 +137,9 @@ import dataclasses  # noqa: E402
 
 import datasets  # noqa: E402
 
-from fsdp_qlora.config import ConfigError, TrainConfig  # noqa: E402
+from fsdp_qlora.config import TrainConfig  # noqa: E402
 from fsdp_qlora.data.pipeline import build_train_data  # noqa: E402
+from fsdp_qlora.errors import ConfigError  # noqa: E402
 
 ROWS = [{"instruction": f"Repeat the word {w} {n} times.", "input": "", "output": " ".join([w] * n)}
         for w in ("cat", "dog", "sun", "tree", "book") for n in (2, 3, 4)]
@@ -318,3 +324,38 @@ def test_streaming_is_deterministic_and_resumable(tmp_path, tokenizer):
     resumed.load_state_dict({"micro_batches_consumed": 11, "epoch": 1})
     stream = resumed.batches()
     assert all(torch.equal(next(stream)["input_ids"], expected) for expected in reference[11:])
+
+
+_GOOD = json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
+MALFORMED = {  # file name: (content, what the one-line error must say)
+    "broken.jsonl": ((_GOOD + "\n") * 2 + '{"instruction": "x", "output": \n' + _GOOD + "\n",
+                     "line 3 is not valid JSON"),
+    "broken.json": ("[\n" + _GOOD + ",\n" + _GOOD + ",,\n]\n", "line 3 is not valid JSON"),
+    "broken.csv": ("instruction,input,output\nSay hi.,,hi\nSay yo.,,yo,extra\n", "line 3 has 4 fields, the header has 3"),
+    "broken.parquet": ("PAR1 this is not parquet at all", "not a readable Parquet file"),
+    "broken.txt": (b"a fine line\nbad \xff\xfe bytes\n", "line 2 is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_a_malformed_file_is_one_line_naming_the_file_and_line(tmp_path, tokenizer, name):
+    content, expected = MALFORMED[name]
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError) as error:
+        build_train_data(_cfg(str(path)), tokenizer)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"dataset file {path}: ") and expected in message, message
+
+
+def test_a_malformed_file_stops_train_py_before_weights_load(tmp_path):
+    from tests.conftest import REPO, run_python, subprocess_env
+
+    path = tmp_path / "broken.jsonl"
+    path.write_text(MALFORMED["broken.jsonl"][0])
+    proc = run_python(str(REPO / "train.py"), "--dataset", str(path), "--output-dir", str(tmp_path / "run"),
+                      env=subprocess_env(tmp_path / "cache"), timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{path}: line 3 is not valid JSON" in errors[0]
+    assert "adapters on" not in proc.stdout

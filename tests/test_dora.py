@@ -21,13 +21,21 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from fsdp_qlora.config import DEFAULT_TARGET_MODULES
-from fsdp_qlora.peft.targets import peft_target_modules
 from fsdp_qlora.peft import dora
+from fsdp_qlora.peft.apply import apply_lora
 from fsdp_qlora.peft.dora import DoRALinear, dora_weight_norm, init_dora_magnitudes
-from fsdp_qlora.peft.lora import LoRALinear, apply_lora, lora_scaling
+from fsdp_qlora.peft.lora import LoRALinear, lora_scaling
+from fsdp_qlora.peft.spec import AdapterSpec
+from fsdp_qlora.peft.targets import peft_target_modules
 from tests.conftest import run_python
-from tests.test_lora import (EXACT, adapted_nf4_and_dense, forward_backward, lora_grads, nf4_round_trip_linears,
-                             tiny_llama)
+from tests.test_lora import (
+    EXACT,
+    adapted_nf4_and_dense,
+    forward_backward,
+    lora_grads,
+    nf4_round_trip_linears,
+    tiny_llama,
+)
 
 
 def tolerances(dtype: torch.dtype, reference: torch.Tensor) -> dict:
@@ -44,7 +52,7 @@ def peft_and_ours(base: nn.Module, r: int, alpha: float, targets: list[str] | st
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=peft_target_modules(targets), lora_dropout=dropout, use_dora=use_dora,
                         use_rslora=use_rslora)
     peft_model = get_peft_model(copy.deepcopy(base), config)
-    apply_lora(ours, targets, r, alpha, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora)
+    apply_lora(ours, AdapterSpec(targets, r, alpha, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora))
     generator = torch.Generator().manual_seed(123)
     peft_layers = dict(peft_model.base_model.model.named_modules())
     pairs = 0
@@ -157,7 +165,7 @@ def test_magnitude_init_is_the_base_row_norm_and_a_no_op(dtype):
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
                                                                 use_dora=True))
     ours = copy.deepcopy(base)
-    apply_lora(ours, ["q_proj", "up_proj"], r=4, alpha=8, dropout=0.0, use_dora=True)
+    apply_lora(ours, AdapterSpec(["q_proj", "up_proj"], r=4, alpha=8, dropout=0.0, use_dora=True))
     peft_layers = dict(peft_model.base_model.model.named_modules())
     for name, layer in ours.named_modules():
         if isinstance(layer, DoRALinear):
@@ -174,7 +182,7 @@ def test_magnitude_init_is_the_base_row_norm_and_a_no_op(dtype):
 def test_magnitudes_wait_for_the_weights_on_meta():
     with torch.device("meta"):
         model = tiny_llama()
-    apply_lora(model, ["v_proj"], r=2, alpha=4, dropout=0.0, use_dora=True)
+    apply_lora(model, AdapterSpec(["v_proj"], r=2, alpha=4, dropout=0.0, use_dora=True))
     layer = model.model.layers[0].self_attn.v_proj
     assert layer.lora_magnitude_vector.is_meta
     model.to_empty(device="cpu")
@@ -197,14 +205,15 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from fsdp_qlora.model.nf4 import nf4_row_shard, quantize_nf4
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.peft.dora import init_dora_magnitudes
-from fsdp_qlora.peft.lora import apply_lora
+from fsdp_qlora.peft.apply import apply_lora
+from fsdp_qlora.peft.spec import AdapterSpec
 
 weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
 dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
 mesh = init_device_mesh("cpu", (2,))
 model = nn.Sequential()
 model.q_proj = NF4Linear(32, 64, device="meta")
-apply_lora(model, ["q_proj"], r=4, alpha=8, dropout=0.0, use_dora=True)
+apply_lora(model, AdapterSpec(["q_proj"], r=4, alpha=8, dropout=0.0, use_dora=True))
 model.q_proj.materialize(torch.device("cpu"))
 fully_shard(model, mesh=mesh)
 rows = nf4_row_shard(quantize_nf4(weight), 32, 64)  # what the loader installs on rank 1

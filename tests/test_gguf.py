@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsdp_qlora.config import ConfigError
+from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.model import gguf as gguf_source
-from fsdp_qlora.model.gguf import (
-    SOURCE_FILE,
-    ensure_converted,
-    gguf_file_in,
-    is_gguf_source,
-    packaged_smollm2_gguf,
-    read_gguf_header,
-    validate_gguf,
-)
+from fsdp_qlora.model.gguf import SOURCE_FILE, ensure_converted, gguf_file_in, is_gguf_source, packaged_smollm2_gguf
+from fsdp_qlora.model.gguf_header import read_gguf_header, validate_gguf
 from fsdp_qlora.model.sources import safetensors_files, validate_model_dir
 
 

@@ -18,13 +18,15 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fsdp_qlora.config import DEFAULT_TARGET_MODULES
 from fsdp_qlora.model.nf4 import quantize_nf4
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.peft import export
+from fsdp_qlora.peft.apply import apply_lora, init_lora_parameters
 from fsdp_qlora.peft.export import adapter_state_dict, load_peft_adapter, save_peft_adapter
-from fsdp_qlora.config import DEFAULT_TARGET_MODULES
+from fsdp_qlora.peft.lora import LoRALinear
+from fsdp_qlora.peft.spec import AdapterSpec
 from fsdp_qlora.peft.targets import peft_target_modules
-from fsdp_qlora.peft.lora import LoRALinear, apply_lora, init_lora_parameters
 from tests.conftest import run_python
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
@@ -58,7 +60,7 @@ def peft_and_ours(base: nn.Module, r: int, alpha: float, targets: list[str]) -> 
     ours = copy.deepcopy(base)
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=peft_target_modules(targets),
                                                                 lora_dropout=0.0))
-    apply_lora(ours, targets, r, alpha, dropout=0.0)
+    apply_lora(ours, AdapterSpec(targets, r, alpha, dropout=0.0))
     generator = torch.Generator().manual_seed(123)
     peft_layers = dict(peft_model.base_model.model.named_modules())
     with torch.no_grad():
@@ -182,7 +184,7 @@ def test_init_matches_peft_default(dtype):
                                                                 target_modules=peft_target_modules(DEFAULT_TARGET_MODULES)))
     torch.manual_seed(5)
     ours = copy.deepcopy(base)
-    apply_lora(ours, DEFAULT_TARGET_MODULES, r=8, alpha=16, dropout=0.0)
+    apply_lora(ours, AdapterSpec(DEFAULT_TARGET_MODULES, r=8, alpha=16, dropout=0.0))
     peft_layers = dict(peft_model.base_model.model.named_modules())
     for name, layer in ours.named_modules():
         if not isinstance(layer, LoRALinear):
@@ -202,7 +204,7 @@ def test_apply_lora_on_meta_then_deterministic_init():
     def build() -> nn.Module:
         with torch.device("meta"):
             model = tiny_llama()
-        names = apply_lora(model, DEFAULT_TARGET_MODULES, r=4, alpha=8, dropout=0.1)
+        names = apply_lora(model, AdapterSpec(DEFAULT_TARGET_MODULES, r=4, alpha=8, dropout=0.1))
         assert len(names) == 2 * 7 and names[0] == "model.layers.0.self_attn.q_proj"
         layer = model.get_submodule(names[0])
         assert layer.lora_A.weight.is_meta and isinstance(layer.lora_dropout, nn.Dropout)
@@ -237,12 +239,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from fsdp_qlora.peft.lora import apply_lora, init_lora_parameters
+from fsdp_qlora.peft.apply import apply_lora, init_lora_parameters
+from fsdp_qlora.peft.spec import AdapterSpec
 
 def build():
     model = nn.Sequential()
     model.q_proj = nn.Linear(16, 8)
-    apply_lora(model, ["q_proj"], r=4, alpha=8, dropout=0.0)
+    apply_lora(model, AdapterSpec(["q_proj"], r=4, alpha=8, dropout=0.0))
     return model
 
 reference = build()
@@ -268,11 +271,11 @@ def test_init_after_fully_shard_gives_each_rank_its_shard_of_the_same_init():
 def test_apply_lora_names_available_layers_when_nothing_matches():
     with pytest.raises(ValueError, match=r"no module of this model is named 'qkv_proj'; its decoder linear layers "
                                          r"are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
-        apply_lora(tiny_llama(), ["qkv_proj"], r=4, alpha=8, dropout=0.0)
+        apply_lora(tiny_llama(), AdapterSpec(["qkv_proj"], r=4, alpha=8, dropout=0.0))
     model = tiny_llama()
-    apply_lora(model, ["q_proj"], r=4, alpha=8, dropout=0.0)
+    apply_lora(model, AdapterSpec(["q_proj"], r=4, alpha=8, dropout=0.0))
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
-        apply_lora(model, ["q_proj"], r=4, alpha=8, dropout=0.0)
+        apply_lora(model, AdapterSpec(["q_proj"], r=4, alpha=8, dropout=0.0))
 
 
 def test_adapter_state_dict_strips_wrapper_prefixes():
@@ -297,7 +300,7 @@ def test_export_round_trip_through_peft(tmp_path):
     tiny_llama().save_pretrained(base_dir)
     targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
     ours = LlamaForCausalLM.from_pretrained(base_dir).eval()
-    apply_lora(ours, targets, r=4, alpha=8, dropout=0.05)
+    apply_lora(ours, AdapterSpec(targets, r=4, alpha=8, dropout=0.05))
     assert not any(module.training for module in ours.modules())  # eval survives wrapping (dropout off)
     init_lora_parameters(ours, seed=0)
     with torch.no_grad():  # "trained": B away from its zero init
@@ -309,8 +312,8 @@ def test_export_round_trip_through_peft(tmp_path):
     named = dict(ours.named_parameters())
     assert any("_checkpoint_wrapped_module" in name for name in named)
     state_dict = adapter_state_dict(named)
-    save_peft_adapter(adapter_dir, state_dict, str(base_dir), r=4, lora_alpha=8, lora_dropout=0.05,
-                      target_modules=peft_target_modules(targets))
+    save_peft_adapter(adapter_dir, state_dict, AdapterSpec(targets, r=4, alpha=8, dropout=0.05), str(base_dir),
+                      target_modules=targets)
 
     config = LoraConfig.from_pretrained(adapter_dir)
     assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.05)
@@ -335,7 +338,8 @@ def test_save_replaces_atomically_and_load_reports_missing_files(tmp_path, monke
     adapter_dir = tmp_path / "adapter"
     first = {"base_model.model.fc.lora_A.weight": torch.ones(2, 3, dtype=torch.bfloat16).t()}
     second = {"base_model.model.fc.lora_A.weight": torch.zeros(3, 2)}
-    save_args = dict(base_model_name_or_path="tiny", r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["fc"])
+    save_args = dict(spec=AdapterSpec(["fc"], r=2, alpha=4, dropout=0.0), base_model_name_or_path="tiny",
+                     target_modules=["fc"])
     save_peft_adapter(adapter_dir, first, **save_args)
     _, loaded = load_peft_adapter(adapter_dir)
     assert loaded["base_model.model.fc.lora_A.weight"].dtype == torch.float32  # and non-contiguous input was fine

@@ -1,8 +1,8 @@
 """NF4 storage: bitsandbytes is the oracle; FSDP2 sharding must not change a single byte."""
 
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
-import bitsandbytes.functional as bnbf
 from safetensors.torch import save_file
 
 from fsdp_qlora.model.nf4 import nf4_bytes, nf4_row_shard, quantize_nf4, quantize_nf4_rows

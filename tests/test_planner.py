@@ -5,9 +5,16 @@ import json
 import pytest
 
 from fsdp_qlora.model.tiny_llama import TINY_LLAMA_CONFIG, generate_llama
-from fsdp_qlora.train.planner import (GIB, KNOWN_CONFIGS, Geometry, Options, auto_plan, describe_options,
-                                      plan_memory, static_bytes)
+from fsdp_qlora.train.plan_advice import auto_plan, describe_options
+from fsdp_qlora.train.planner import GIB, KNOWN_CONFIGS, Geometry, Options, plan_memory, static_bytes
 from tests.conftest import REPO, run_python, run_torchrun, subprocess_env
+
+
+def options(**settings) -> Options:
+    """The planner's view of TrainConfig(**settings) on 2 ranks (or world_size=N), at context 2048
+    and batch 1 unless given: the 70B-scale figures below are about that shape of run."""
+    return Options.of(**{"world_size": 2, "context_length": 2048, "batch_size": 1, **settings})
+
 
 WIDER = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2, "num_attention_heads": 8,
          "num_key_value_heads": 4, "vocab_size": 1536}
@@ -32,7 +39,7 @@ def test_static_parts_equal_a_real_sharded_model(models, tmp_path, model, world)
     real = json.loads((tmp_path / "bytes.rank0").read_text())  # rank 0 holds the largest shards
     for case, held in real.items():
         optimizer, rank, min_8bit, train_type = case.split(",")
-        opt = Options(world_size=world, lora_rank=int(rank), optimizer=optimizer, min_8bit_size=int(min_8bit),
+        opt = options(world_size=world, lora_rank=int(rank), optimizer=optimizer, min_8bit_size=int(min_8bit),
                       train_type=train_type)
         planned = static_bytes(Geometry.from_config({**TINY_LLAMA_CONFIG, **(WIDER if model == "wider" else {})}), opt)
         for part, value in held.items():
@@ -59,7 +66,7 @@ def test_whole_plan_within_10_percent_of_the_tracked_peak(models, tmp_path):
 
 def test_known_70b_configs_and_the_issue_figures():
     # NF4 + double quantization ~4.13 bits per weight: the 70B decoder linears are ~35.3 GB.
-    opt = Options(world_size=1)
+    opt = options(world_size=1)
     static = static_bytes(Geometry.from_config(KNOWN_CONFIGS["llama-70b"]), opt)
     linear_bytes = static["nf4_weights"] + static["quant_constants"]
     assert linear_bytes / 1e9 == pytest.approx(35.3, rel=0.02)
@@ -68,11 +75,11 @@ def test_known_70b_configs_and_the_issue_figures():
 
 def test_options_lower_the_plan_and_auto_picks_a_fitting_one():
     config = KNOWN_CONFIGS["llama-3-70b"]
-    base = Options(world_size=2, context_length=4096, batch_size=1)
+    base = options(world_size=2, context_length=4096, batch_size=1)
     plain = plan_memory(config, base)
-    ac = plan_memory(config, Options(**{**base.__dict__, "activation_checkpointing": True}))
-    offload = plan_memory(config, Options(**{**base.__dict__, "activation_checkpointing": True, "cpu_offload": True}))
-    unchunked = plan_memory(config, Options(**{**base.__dict__, "loss_chunk_tokens": 0}))
+    ac = plan_memory(config, base.replace(activation_checkpointing=True))
+    offload = plan_memory(config, base.replace(activation_checkpointing=True, cpu_offload=True))
+    unchunked = plan_memory(config, base.replace(loss_chunk_tokens=0))
     assert ac.peak < plain.peak and offload.peak < ac.peak and unchunked.peak > plain.peak
     assert "nf4_weights" in offload.host and "nf4_weights" not in offload.parts
     best, slowdown = auto_plan(config, base, 24 * GIB)
@@ -97,12 +104,12 @@ def test_plan_cli_and_train_dry_run(tmp_path):
 def test_70b_at_context_2048_fits_two_24gb_cards_without_cpu_offload():
     """The issue's target: NF4 weights stay on the GPUs (~17.7 GB each), checkpoint boundaries go to
     the host (train/memory.py); checkpointing alone leaves ~2.5 GiB of boundaries per GPU, too many."""
-    base = Options(world_size=2, context_length=2048, batch_size=1, activation_checkpointing=True)
+    base = options(world_size=2, context_length=2048, batch_size=1, activation_checkpointing=True)
     weights = static_bytes(Geometry.from_config(KNOWN_CONFIGS["llama-70b"]), base)
     assert (weights["nf4_weights"] + weights["quant_constants"] + weights["frozen_bf16"]) / 1e9 == pytest.approx(
         18.2, rel=0.02)
     assert not plan_memory(KNOWN_CONFIGS["llama-70b"], base).fits(24 * GIB)
-    offloaded = plan_memory(KNOWN_CONFIGS["llama-70b"], Options(**{**base.__dict__, "activation_offload": True}))
+    offloaded = plan_memory(KNOWN_CONFIGS["llama-70b"], base.replace(activation_offload=True))
     assert offloaded.fits(24 * GIB) and "nf4_weights" in offloaded.parts
     assert offloaded.host["activations"] == pytest.approx(78 * 2048 * 8192 * 2)  # all but 2 boundaries
 
@@ -112,16 +119,16 @@ def test_every_model_alias_has_a_plan():
     from fsdp_qlora.train.planner import load_model_config
 
     for alias in MODELS:
-        assert plan_memory(load_model_config(alias), Options()).peak > 0, alias
+        assert plan_memory(load_model_config(alias), options()).peak > 0, alias
 
 
 def test_auto_replicates_a_model_that_fits_one_gpu():
     """--auto prefers --sharding ddp (no all-gathers) when the whole 4-bit base fits one GPU."""
     config = KNOWN_CONFIGS["llama-3-8b"]
-    best, slowdown = auto_plan(config, Options(world_size=8, context_length=2048), 80 * GIB)
+    best, slowdown = auto_plan(config, options(world_size=8, context_length=2048), 80 * GIB)
     assert best.options.sharding == "ddp" and best.options.world_size == 1 and slowdown < 1
     assert describe_options(best.options).startswith("--sharding ddp")
-    best, _ = auto_plan(KNOWN_CONFIGS["llama-70b"], Options(world_size=2, context_length=2048), 24 * GIB)
+    best, _ = auto_plan(KNOWN_CONFIGS["llama-70b"], options(world_size=2, context_length=2048), 24 * GIB)
     assert best.options.sharding == "fsdp" and best.options.world_size == 2  # 35 GB of NF4 fits no 24 GB card
 
 
@@ -130,14 +137,14 @@ def test_only_lm_head_stays_gathered_and_the_embedding_gather_can_set_the_peak()
     the root keeps lm_head + the final norm gathered; a tied weight is counted once."""
     config = KNOWN_CONFIGS["llama-3-70b"]
     vocab, hidden = config["vocab_size"], config["hidden_size"]
-    long = plan_memory(config, Options(context_length=8192, activation_checkpointing=True))
+    long = plan_memory(config, options(context_length=8192, activation_checkpointing=True))
     assert long.parts["root_unsharded"] == vocab * hidden * 2 + hidden * 2
     assert "embeddings_at_forward_start" not in long.parts  # activations + logits are the higher moment
     # At a short context with CPU offload the 2 GiB embedding gather is the peak moment.
-    short = plan_memory(config, Options(context_length=64, activation_checkpointing=True, cpu_offload=True))
+    short = plan_memory(config, options(context_length=64, activation_checkpointing=True, cpu_offload=True))
     assert short.parts["embeddings_at_forward_start"] >= vocab * hidden * 2
     assert short.parts["activations"] == 0 and short.peak == sum(short.parts.values())
-    tied = plan_memory({**config, "tie_word_embeddings": True}, Options(context_length=64, cpu_offload=True))
+    tied = plan_memory({**config, "tie_word_embeddings": True}, options(context_length=64, cpu_offload=True))
     assert "embeddings_at_forward_start" not in tied.parts and tied.parts["root_unsharded"] == vocab * hidden * 2 + hidden * 2
 
 
@@ -152,5 +159,5 @@ def test_static_parts_equal_a_real_sharded_model_of_another_architecture(tmp_pat
                  "adamw,8,4096,qlora", timeout=300)
     held = json.loads((tmp_path / "bytes.rank0").read_text())["adamw,8,4096,qlora"]
     planned = static_bytes(Geometry.from_config(json.loads((model_dir / "config.json").read_text())),
-                           Options(world_size=2))
+                           options(world_size=2))
     assert planned == held

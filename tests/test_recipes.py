@@ -6,7 +6,8 @@ import json
 import pytest
 
 from fsdp_qlora.config import parse_config
-from fsdp_qlora.train.planner import GIB, plan_train_config
+from fsdp_qlora.train.plan_advice import plan_train_config
+from fsdp_qlora.train.planner import GIB
 from tests.conftest import REPO, run_python, run_torchrun, subprocess_env
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))

@@ -53,7 +53,7 @@ def test_row_ranges_equal_the_library_slices(shard, workers, chunk_bytes):
 
 
 def test_truncated_or_corrupt_files_are_one_clear_error(shard, tmp_path):
-    from fsdp_qlora.config import ConfigError
+    from fsdp_qlora.errors import ConfigError
 
     assert issubclass(ShardFormatError, ConfigError)  # train.py prints it as one line, exit 2
     data = shard.read_bytes()

@@ -118,7 +118,7 @@ def test_step1_loss_is_the_same_at_every_layout_and_for_the_peer(smollm2, runs):
     losses["peer"] = _peer_step1_loss(smollm2[1])
     print(f"step-1 losses: {losses}")
     assert all(metrics[name][0]["step"] == 1 for name in ("fsdp", "ddp", "single"))
-    for name, loss in losses.items():
+    for loss in losses.values():
         assert loss == pytest.approx(losses["peer"], rel=1e-4), losses
 
 
@@ -154,9 +154,9 @@ def test_generate_answers_through_the_chat_template(smollm2, runs):
 def test_chat_prompt_renders_the_models_template(smollm2):
     from transformers import AutoTokenizer
 
-    from tests.test_merge import load_tool
+    from fsdp_qlora.cli.generate import chat_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2[1])
-    prompt = load_tool("generate").chat_prompt(tokenizer, "Hi")
+    prompt = chat_prompt(tokenizer, "Hi")
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>user\nHi<|im_end|>\n"
                                                                          "<|im_start|>assistant\n")

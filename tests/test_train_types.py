@@ -17,6 +17,7 @@ Two comparisons of the exported adapter with PEFT (the oracle):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,12 +30,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from fsdp_qlora.config import DORA_TRAIN_TYPES, QUANTIZED_TRAIN_TYPES, TrainConfig, load_yaml_overrides
-from fsdp_qlora.model.structure import decoder_layers
-from fsdp_qlora.model.loader import install_adapter
 from fsdp_qlora.model.nf4 import quantize_nf4
 from fsdp_qlora.model.quantized_linear import NF4Linear
-from fsdp_qlora.peft.export import load_peft_adapter
-from fsdp_qlora.peft.lora import apply_lora
+from fsdp_qlora.model.structure import decoder_layers
+from fsdp_qlora.peft.apply import apply_lora
+from fsdp_qlora.peft.export import install_adapter, load_peft_adapter
+from fsdp_qlora.peft.spec import AdapterSpec
 from tests.conftest import REPO, run_python, run_torchrun, subprocess_env
 
 STEPS = 12
@@ -119,9 +120,7 @@ def test_peft_loads_the_adapter_with_our_logits(run, cache, tmp_path):
            "attention_mask": torch.ones(2, 20, dtype=torch.long)}
 
     ours, reference = _bases(base_dir, train_type in QUANTIZED_TRAIN_TYPES)
-    apply_lora(ours, cfg.adapter_targets(), cfg.lora_rank, cfg.lora_alpha, 0.0, use_rslora=cfg.use_rslora,
-               use_dora=train_type in DORA_TRAIN_TYPES, rank_pattern=cfg.rank_pattern(),
-               alpha_pattern=cfg.alpha_pattern())
+    apply_lora(ours, dataclasses.replace(AdapterSpec.from_config(cfg), dropout=0.0))
     _, tensors = load_peft_adapter(adapter_dir)
     install_adapter(ours, tensors)
     peft_model = PeftModel.from_pretrained(reference, adapter_dir).eval()

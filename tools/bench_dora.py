@@ -19,15 +19,12 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from fsdp_qlora.config import DEFAULT_TARGET_MODULES  # noqa: E402
-from fsdp_qlora.peft.lora import apply_lora  # noqa: E402
+from fsdp_qlora.peft.apply import apply_lora
+from fsdp_qlora.peft.spec import AdapterSpec
 
 VARIANTS = ("ours-lora", "ours-dora", "peft-lora", "peft-dora")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -44,7 +41,7 @@ def build(variant: str, args, device: str) -> torch.nn.Module:
 
         return get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                                                 target_modules="all-linear", use_dora=use_dora))
-    apply_lora(model, DEFAULT_TARGET_MODULES, args.rank, 2 * args.rank, 0.0, use_dora=use_dora)
+    apply_lora(model, AdapterSpec(r=args.rank, alpha=2 * args.rank, dropout=0.0, use_dora=use_dora))
     return model
 
 

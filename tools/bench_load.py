@@ -31,14 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from fsdp_qlora.config import TrainConfig  # noqa: E402
-from fsdp_qlora.model.sources import default_cache_dir, safetensors_files  # noqa: E402
-from fsdp_qlora.train.planner import KNOWN_CONFIGS  # noqa: E402
+from fsdp_qlora.config import TrainConfig
+from fsdp_qlora.model.cache import default_cache_dir
+from fsdp_qlora.model.sources import safetensors_files
+from fsdp_qlora.train.planner import KNOWN_CONFIGS
 
 LLAMA2_70B = KNOWN_CONFIGS["llama-70b"]
 LLAMA2_70B_BF16_BYTES = 68_976_648_192 * 2  # parameters of Llama-2-70B (HF config) in bf16
@@ -100,7 +99,8 @@ def worker(model_dir: Path, workers: int, result: Path) -> None:
     from fsdp_qlora.distributed.env import init_distributed, shutdown
     from fsdp_qlora.distributed.sharding import build_mesh
     from fsdp_qlora.metrics.system import peak_rss, reset_peak_rss
-    from fsdp_qlora.model.loader import build_qlora_model, local_weight_bytes
+    from fsdp_qlora.model.loader import local_weight_bytes
+    from fsdp_qlora.train.build import build_qlora_model
 
     env = init_distributed()
     mesh = build_mesh(env)

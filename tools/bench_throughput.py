@@ -45,10 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fsdp_qlora.peft.targets import peft_target_modules
 
-from fsdp_qlora.peft.targets import peft_target_modules  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PEERS = {
     # name: (base, layout, description)

@@ -1,38 +1,11 @@
-"""Write a PEFT-format adapter from any checkpoint of a run.
+"""Write a PEFT-format adapter from any checkpoint of a run (installed as `fsdp-qlora-export`).
 
-    python tools/export_adapter.py --checkpoint runs/x/checkpoints/step-00000100 --output adapters/x-100
-    python tools/export_adapter.py --checkpoint runs/x --output adapters/x-latest   # the run's latest
-
-Runs in one process on CPU, whatever world size wrote the checkpoint: DCP reassembles the shards.
+The code is fsdp_qlora/cli/export.py; `python tools/export_adapter.py --help` lists the flags.
 """
 
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fsdp_qlora.checkpoint.manager import CheckpointManager, load_adapter_tensors, resolve_resume  # noqa: E402
-from fsdp_qlora.config import ConfigError, TrainConfig  # noqa: E402
-from fsdp_qlora.peft.export import export_trained_adapter  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a step-* directory, or a run's output dir (its latest)")
-    parser.add_argument("--output", required=True, help="directory to write adapter_config.json + adapter_model.safetensors")
-    args = parser.parse_args(argv)
-    try:
-        path = resolve_resume(args.checkpoint, CheckpointManager(Path(args.checkpoint), rank=0))
-        state, tensors = load_adapter_tensors(path)
-    except ConfigError as err:
-        print(f"export_adapter.py: error: {err}", file=sys.stderr)
-        return 2
-    cfg = TrainConfig(**state.config)
-    out = export_trained_adapter(args.output, tensors, cfg, state.base_model_path)
-    print(f"adapter of step {state.step} written to {out}")
-    return 0
-
+from fsdp_qlora.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

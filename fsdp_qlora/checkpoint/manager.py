@@ -22,6 +22,7 @@ Only tensors go through DCP, and nothing is ever unpickled: DCP loads non-tensor
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from fsdp_qlora import faults
-from fsdp_qlora.config import ConfigError
+from fsdp_qlora.errors import CheckpointWriteError, ConfigError
 from fsdp_qlora.model.sources import safetensors_files
 
 TRAINER_STATE = "trainer_state.json"
@@ -65,6 +66,7 @@ class TrainerState:
     base_model_path: str = ""
     world_size: int = 1
     config: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # the data position (data/pipeline.py TrainData.state_dict)
     files: dict[str, int] = field(default_factory=dict)
 
 
@@ -124,7 +126,7 @@ class CheckpointManager:
         self.rank = rank
         self.keep_last = keep_last
         self.async_save = async_save
-        self._pending: tuple[Any, Path, TrainerState] | None = None
+        self._pending: tuple[Any, Path, TrainerState, int, str] | None = None
         # A background save must not share a communicator with training: collectives of two
         # threads on one group interleave differently on each rank and deadlock.
         self._save_group = dist.new_group(backend="gloo") if async_save else None
@@ -132,48 +134,110 @@ class CheckpointManager:
     # -- saving --
     def save(self, model, optimizer, trainer_state: TrainerState) -> None:
         """Save this step; with async_save the tensors are written in the background and the
-        checkpoint is committed (renamed, `latest` moved) by the next `wait()`."""
+        checkpoint is committed (renamed, `latest` moved) by the next `wait()`.
+
+        A write that fails on any rank (a full disk, say) fails on every rank together: the
+        partial `.tmp-step-*` is removed, the previous checkpoint and `latest` stay as they were,
+        and `CheckpointWriteError` says so in one line, with the space a checkpoint needs."""
         self.wait()
         trainer_state = copy.deepcopy(trainer_state)  # the loop goes on mutating its own
         tmp = self.root / f".tmp-step-{trainer_state.step:08d}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
         tensors = {
             "model": get_model_state_dict(model, options=_ADAPTER_ONLY),
             "optim": get_optimizer_state_dict(model, optimizer, options=_ADAPTER_ONLY),
         }
         trainer_state.optimizer_param_groups = _json_groups(tensors["optim"].pop("param_groups"))
-        (tmp / f"rng-rank{self.rank}.json").write_text(json.dumps(capture_rng()))
-        if self.async_save:
+        tensor_bytes = _tensor_bytes(tensors)
+        rng = json.dumps(capture_rng())  # now: an async save commits after training has moved on
+        error = self._agreed_error(self._attempt(lambda: self._make_dir(tmp)))
+        if error is None and self.async_save:
             future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._save_group)
-            self._pending = (future, tmp, trainer_state)
-        else:
-            dcp.save(tensors, checkpoint_id=str(tmp))
+            self._pending = (future, tmp, trainer_state, tensor_bytes, rng)
+            return
+        if error is None:
+            # dcp.save fails on every rank when any rank's write fails (DCP gathers the failures).
+            error = self._attempt(lambda: dcp.save(tensors, checkpoint_id=str(tmp)))
             faults.maybe_kill_during_save(self.rank, trainer_state.step)
-            self._commit(tmp, trainer_state)
+            error = self._finish(tmp, trainer_state, rng, error)
+        if error is not None:
+            self._abandon(tmp, trainer_state.step, error, tensor_bytes)
 
     def wait(self) -> None:
         """Finish an asynchronous save, if one is in flight, and commit it."""
         if self._pending is None:
             return
-        future, tmp, trainer_state = self._pending
+        future, tmp, trainer_state, tensor_bytes, rng = self._pending
         self._pending = None
-        future.result()
-        self._commit(tmp, trainer_state)
+        error = self._finish(tmp, trainer_state, rng, self._attempt(future.result))
+        if error is not None:
+            self._abandon(tmp, trainer_state.step, error, tensor_bytes)
+
+    def _finish(self, tmp: Path, trainer_state: TrainerState, rng: str, error: OSError | None) -> OSError | None:
+        """After the tensors: this rank's RNG file (the states at save time), then (all ranks agreed) the commit."""
+        if error is None:
+            error = self._attempt(lambda: (tmp / f"rng-rank{self.rank}.json").write_text(rng))
+        error = self._agreed_error(error)
+        if error is None:
+            error = self._agreed_error(self._attempt(lambda: self._commit(tmp, trainer_state)) if self.rank == 0
+                                       else None)
+        return error
+
+    def _make_dir(self, tmp: Path) -> None:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
 
     def _commit(self, tmp: Path, trainer_state: TrainerState) -> None:
-        dist.barrier()  # every rank's files are on disk
+        """Rank 0: trainer_state.json (written last, with every file's size), rename, `latest`."""
+        trainer_state.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        _write_json_atomic(tmp / TRAINER_STATE, trainer_state.__dict__)
+        final = self.root / f"step-{trainer_state.step:08d}"
+        shutil.rmtree(final, ignore_errors=True)  # a stale copy of the same step
+        os.replace(tmp, final)
+        _write_text_atomic(self.root / LATEST, final.name + "\n")
+        self._prune()
+
+    @staticmethod
+    def _attempt(write) -> OSError | None:
+        """Run a write; its OSError (also inside DCP's CheckpointException) is returned, not raised."""
+        try:
+            write()
+        except BaseException as err:  # DCP's CheckpointException is a BaseException; non-write errors re-raise
+            os_error = _os_error(err)
+            if os_error is None:
+                raise
+            return os_error
+        return None
+
+    def _agreed_error(self, error: OSError | None) -> OSError | None:
+        """Every rank learns whether any rank failed (the first failure's error; a barrier too)."""
+        failed = [error]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (error.errno, error.strerror, str(error)) if error else None)
+            first = next((g for g in gathered if g is not None), None)
+            failed = [error or (OSError(first[0], first[1]) if first else None)]
+        return failed[0]
+
+    def _abandon(self, tmp: Path, step: int, error: OSError, tensor_bytes: int) -> None:
+        """Remove what the failed save left and raise the one-line error on every rank."""
         if self.rank == 0:
-            trainer_state.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            _write_json_atomic(tmp / TRAINER_STATE, trainer_state.__dict__)
-            final = self.root / f"step-{trainer_state.step:08d}"
-            shutil.rmtree(final, ignore_errors=True)  # a stale copy of the same step
-            os.replace(tmp, final)
-            _write_text_atomic(self.root / LATEST, final.name + "\n")
-            self._prune()
-        dist.barrier()
+            shutil.rmtree(tmp, ignore_errors=True)
+        needed = tensor_bytes
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            total = torch.tensor([tensor_bytes], dtype=torch.float64)
+            dist.all_reduce(total)
+            needed = int(total.item())
+        previous = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else ""
+        if previous and (self.root / previous).is_dir():  # what the last one took, metadata included
+            needed = max(needed, sum(f.stat().st_size for f in (self.root / previous).iterdir() if f.is_file()))
+        kept = (f"the previous checkpoint {self.root / previous} is intact: rerun the same command to resume from it"
+                if previous else "no earlier checkpoint exists: a rerun starts from the beginning")
+        free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        what = "no space left on the device" if error.errno == errno.ENOSPC else f"{error.strerror or error}"
+        raise CheckpointWriteError(f"cannot save the checkpoint of step {step} in {self.root}: {what}; the partial "
+                                   f"save was removed and {kept}; a checkpoint needs about {_mib(needed)} "
+                                   f"({_mib(free)} free there): free space or choose another --output-dir")
 
     def _prune(self) -> None:
         complete = self.list_checkpoints()
@@ -196,23 +260,9 @@ class CheckpointManager:
                 print(f"warning: skipping checkpoint {candidate}: {problem}", flush=True)
         return None
 
-    def load(self, path: Path, model, optimizer, base_model_id: str, must_match: dict[str, Any]) -> TrainerState:
-        """Restore a checkpoint. `must_match`: settings that shape the saved tensors (optimizer,
-        adapter type and rank, targets); a resume that changes one is refused up front."""
-        problem = checkpoint_problem(path)
-        if problem:
-            raise ConfigError(f"cannot resume from {path}: {problem}")
-        state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
-        for key, value in must_match.items():
-            saved = state.config.get(key, value)
-            if saved != value:
-                raise ConfigError(f"checkpoint {path} was saved with {key}={saved!r}, this run has {value!r}: "
-                                  f"resume with the same --{key.replace('_', '-')}, or start fresh (--resume none "
-                                  "or a new --output-dir)")
-        if state.base_model_id != base_model_id:
-            raise ConfigError(f"checkpoint {path} was trained on another base model "
-                              f"(id {state.base_model_id}, this one is {base_model_id}): pass the original "
-                              "--model, or --resume none / a new --output-dir to start fresh")
+    def load(self, path: Path, model, optimizer) -> TrainerState:
+        """Restore a checkpoint's adapter, optimizer state and RNGs (after `check_resume_settings`)."""
+        state = read_trainer_state(path)
         tensors = {
             "model": get_model_state_dict(model, options=_ADAPTER_ONLY),
             "optim": get_optimizer_state_dict(model, optimizer, options=_ADAPTER_ONLY),
@@ -226,6 +276,42 @@ class CheckpointManager:
         if rng_file.is_file():  # absent for ranks that did not exist in the saving run
             restore_rng(json.loads(rng_file.read_text()))
         return state
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write: itself, or inside DCP's CheckpointException (per-rank
+    failures, each an (exception, traceback) pair), or as its cause."""
+    if isinstance(err, OSError):
+        return err
+    for failure in getattr(err, "failures", {}).values():
+        found = _os_error(failure[0] if isinstance(failure, tuple) else failure)
+        if found is not None:
+            return found
+    return _os_error(err.__cause__) if err.__cause__ is not None else None
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of the tensors this rank writes (its shards)."""
+    total = 0
+    for value in tensors.values() if isinstance(tensors, dict) else tensors:
+        if isinstance(value, dict):
+            total += _tensor_bytes(value)
+        elif torch.is_tensor(value):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            total += local.numel() * local.element_size()
+    return total
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    """A checkpoint's trainer_state.json (JSON only: cheap, before any tensor or weight loads)."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"cannot resume from {path}: {problem}")
+    return TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -262,20 +348,6 @@ def load_adapter_tensors(path: Path) -> tuple[TrainerState, dict[str, torch.Tens
                if fqn.startswith("model.") and isinstance(item, TensorStorageMetadata)}
     dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
     return state, {fqn.removeprefix("model."): tensor for fqn, tensor in tensors.items()}
-
-
-def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
-    """`--resume auto | none | PATH` -> the checkpoint to load, if any."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return manager.newest_valid()
-    path = Path(resume)
-    if not (path / TRAINER_STATE).exists() and (path / "checkpoints" / LATEST).is_file():
-        path = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
-    if not path.is_dir():
-        raise ConfigError(f"--resume {resume}: no such checkpoint directory; pass auto, none, or a step-* directory")
-    return path
 
 
 def _json_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,8 +16,9 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
-from fsdp_qlora.config import ConfigError, TrainConfig
+from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.data.sft import IGNORE_INDEX, format_prompt
+from fsdp_qlora.errors import ConfigError
 
 FORMATS = ("instruction", "chat", "text")
 COLUMN_FLAGS = ("--instruction-column/--output-column (instruction), --messages-column (chat) "

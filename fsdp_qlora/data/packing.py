@@ -88,3 +88,10 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Non
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
                 "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def rows_at(dataset: Any, indices: list[int]) -> list[dict[str, list[int]]]:
+    """The training columns of `dataset` (a 🤗 Dataset) at `indices`, as one dict per row."""
+    columns = dataset[indices]
+    keys = [k for k in ("input_ids", "labels", "position_ids") if k in columns]
+    return [{k: columns[k][i] for k in keys} for i in range(len(indices))]

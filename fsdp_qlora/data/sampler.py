@@ -10,8 +10,9 @@ With ``group_by_length`` the rank's indices are cut into mega-batches of 50 batc
 by length and split into batches (little padding), and the batch order is shuffled with the
 same seeded generator.
 
-The position in the stream is (epoch, batches consumed in that epoch): `TrainData` keeps it
-and saves it with the checkpoint; any epoch's batches are recomputed from the seed alone.
+The position in the stream is (epoch, examples of that epoch's global order consumed):
+`TrainData` keeps it and saves it with the checkpoint; any epoch's batches from any position are
+recomputed from the seed alone, for any world size and batch size.
 """
 
 from __future__ import annotations
@@ -41,19 +42,31 @@ class ShardedBatchSampler:
         """Batches per rank per epoch."""
         return math.ceil(self.per_rank / self.batch_size)
 
-    def rank_indices(self, epoch: int) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The epoch's global order of examples (all ranks), its tail that the world size does not
+        divide dropped."""
         if self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_examples, generator=generator).tolist()
         else:
             order = list(range(self.num_examples))
-        total = self.per_rank * self.world_size
-        return order[:total][self.rank:total:self.world_size]
+        return order[:self.per_rank * self.world_size]
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches (lists of dataset indices) for one epoch."""
-        indices = self.rank_indices(epoch)
+    def rank_indices(self, epoch: int, start: int = 0) -> list[int]:
+        """This rank's share of the epoch's order from global position `start` on: every world-th
+        example, the remainder trimmed to a multiple of the world size (equal counts per rank)."""
+        remaining = self.epoch_order(epoch)[start:]
+        remaining = remaining[:len(remaining) - len(remaining) % self.world_size]
+        return remaining[self.rank::self.world_size]
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> list[list[int]]:
+        """This rank's batches (lists of dataset indices) for one epoch, from global position `start`
+        (a resumed run's examples consumed; 0 = the whole epoch). Each micro-step of all ranks takes
+        the next world x batch examples of the order, so positions carry over between layouts."""
+        if start and self.group_by_length:
+            raise ValueError("length-grouped batches cannot start mid-epoch at an example position")
+        indices = self.rank_indices(epoch, start)
         size = self.batch_size
         if not self.group_by_length:
             return [indices[i:i + size] for i in range(0, len(indices), size)]

@@ -15,8 +15,8 @@ import datasets
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from fsdp_qlora.config import ConfigError
 from fsdp_qlora.data.make_sample_data import SAMPLE_DATASET_PATH
+from fsdp_qlora.errors import ConfigError
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: no loss on these positions
 REQUIRED_COLUMNS = ("instruction", "output")

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import datasets
 
-from fsdp_qlora.config import ConfigError, TrainConfig
+from fsdp_qlora.config import TrainConfig
+from fsdp_qlora.data.file_check import file_problem
 from fsdp_qlora.data.make_sample_data import SAMPLE_DATASET_PATH
+from fsdp_qlora.errors import ConfigError
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -40,8 +42,7 @@ def load_split(cfg: TrainConfig, split: str, streaming: bool = False) -> dataset
         if split != "train":
             raise ConfigError(f"a local file has one split, 'train', not {split!r}: use --eval-fraction "
                               "(or save a DatasetDict with save_to_disk) for an eval set")
-        return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train",
-                                     streaming=streaming)
+        return _load_file(path, streaming)
     if _looks_local(name):
         raise ConfigError(f"dataset {name!r} is neither an existing file with a suffix in "
                           f"{', '.join(FILE_BUILDERS)} nor a save_to_disk directory: check the path")
@@ -53,6 +54,17 @@ def load_split(cfg: TrainConfig, split: str, streaming: bool = False) -> dataset
     except (FileNotFoundError, ConnectionError) as err:
         raise ConfigError(f"dataset {name!r} could not be loaded ({_first_line(err)}): pass a hub id that exists "
                           "(online, or in the datasets cache when offline) or a local file/directory") from None
+
+
+def _load_file(path: Path, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+    """A local data file through datasets' builder; a file it cannot read is one line naming the
+    file, the first bad line and what is wrong with it (data/file_check.py), before any weight loads."""
+    try:
+        return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train",
+                                     streaming=streaming)
+    except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many types for a malformed file
+        problem = file_problem(path) or _first_line(err)
+        raise ConfigError(f"dataset file {path}: {problem}: fix the file (or that line) and rerun") from None
 
 
 def _load_saved(path: Path, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fsdp_qlora.config import ConfigError
+from fsdp_qlora.errors import ConfigError
 
 
 class RendezvousError(ConfigError):

@@ -35,8 +35,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from fsdp_qlora.config import SHARDING_TYPES, ConfigError
+from fsdp_qlora.config import SHARDING_TYPES
 from fsdp_qlora.distributed.env import DistEnv
+from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.model.structure import decoder_layers
 
 SHARDING_CHOICES = SHARDING_TYPES

@@ -1,6 +1,8 @@
-"""Build a QLoRA model on the meta device, shard it with FSDP2, then stream its weights in.
+"""Quantize a meta-device model's decoder linears to NF4, then stream its (sharded) weights in.
 
-No rank ever materializes the full bf16 model. For every tensor a rank reads only the rows of
+The model is assembled by train/build.py (structure, adapters, memory options, sharding); this
+module only swaps linears for `NF4Linear`, rebuilds computed buffers and loads weights. No rank
+ever materializes the full bf16 model. For every tensor a rank reads only the rows of
 dim 0 it will own under FSDP2 (one contiguous byte range of the file, read by parallel positioned
 reads: model/shard_reader.py), quantizes them when the layer is NF4, and installs them as its
 local shard, while the next slices are being read. Peak host memory is therefore about the
@@ -9,62 +11,27 @@ rank's own part plus the read-ahead window (`READ_AHEAD_BYTES`, or one slice whe
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
-from transformers import AutoConfig
 
-from fsdp_qlora.config import DORA_TRAIN_TYPES, QUANTIZED_TRAIN_TYPES, ConfigError, TrainConfig
-from fsdp_qlora.distributed.env import DistEnv
-from fsdp_qlora.distributed.sharding import shard_model, shard_size
+from fsdp_qlora.config import TrainConfig
+from fsdp_qlora.errors import ConfigError
+from fsdp_qlora.layout import NF4_BLOCKSIZE, row_range
 from fsdp_qlora.model.host_memory import large_allocations_via_mmap
-from fsdp_qlora.model.nf4 import NF4_BLOCKSIZE, NF4Tensor, nf4_bytes, quantize_nf4_rows
+from fsdp_qlora.model.nf4 import NF4Tensor, nf4_bytes, quantize_nf4_rows
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.shard_reader import RowRange, RowReader, read_ahead, read_index
 from fsdp_qlora.model.sources import safetensors_files
-from fsdp_qlora.model.structure import decoder_layers, meta_model
-from fsdp_qlora.peft.export import PEFT_KEY_PREFIX
-from fsdp_qlora.peft.dora import init_dora_magnitudes
-from fsdp_qlora.peft.lora import LoRALinear, apply_lora, copy_full_into, decoder_linear_names, init_lora_parameters
-from fsdp_qlora.peft.targets import count_by_name, select_targets
-from fsdp_qlora.train.memory import apply_activation_memory_options, fsdp_options
+from fsdp_qlora.model.structure import decoder_layers
 
 COMPUTE_DTYPE = torch.bfloat16
 # Read-ahead per rank: enough for several 16 MiB reads in flight while a slice is quantized,
 # small next to a shard file (a 70B checkpoint's are ~10 GB) even with 8 ranks per node.
 READ_AHEAD_BYTES = 64 << 20
-
-
-def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> nn.Module:
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-    model = meta_model(config, COMPUTE_DTYPE, cfg.trust_remote_code)  # refuses what cannot load, in one line
-    materialize_computed_buffers(model, env.device)  # rotary frequencies, embedding scales: transformers' init
-    if cfg.train_type in QUANTIZED_TRAIN_TYPES:  # lora/dora: the base stays frozen bf16 nn.Linears, loaded by rows
-        quantize_decoder_linears(model, shard_count=shard_size(mesh))  # the dp_shard ranks (1 for ddp)
-    adapted = apply_lora(model, cfg.adapter_targets(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                         use_rslora=cfg.use_rslora, use_dora=cfg.train_type in DORA_TRAIN_TYPES,
-                         rank_pattern=cfg.rank_pattern(), alpha_pattern=cfg.alpha_pattern())
-    if env.is_main:
-        print(f"adapters on {len(adapted)} modules: {count_by_name(adapted)}", flush=True)
-    _materialize_adapters(model, env.device, cfg.seed)
-    apply_activation_memory_options(decoder_layers(model), cfg)  # checkpointing / offload (train/memory.py)
-    shard_model(model, mesh, fsdp_options=fsdp_options(cfg))
-    load_base_weights(model, model_dir, env.device, cfg.load_workers)
-    init_dora_magnitudes(model)  # DoRA's m = row norms of the loaded base; each rank its own rows
-    return model
-
-
-def check_model(model_dir: Path, cfg: TrainConfig) -> None:
-    """What can be refused from config.json alone, before data or weights: an architecture the
-    loader cannot handle, adapter targets that match nothing. Builds the model on meta (no memory)."""
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-    model = meta_model(config, COMPUTE_DTYPE, cfg.trust_remote_code)
-    select_targets([name for name, _ in model.named_modules() if name], decoder_linear_names(model),
-                   cfg.adapter_targets())
 
 
 def materialize_computed_buffers(model: nn.Module, device: torch.device) -> None:
@@ -130,28 +97,25 @@ def _check_quantizable(name: str, linear: nn.Linear, shard_count: int) -> None:
         )
 
 
-def _materialize_adapters(model: nn.Module, device: torch.device, seed: int) -> None:
-    """Adapters are tiny: build them in full on every rank from the same seed; FSDP2 then
-    keeps each rank's chunk. Every rank thus starts from identical adapter weights."""
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.materialize(device)
-    init_lora_parameters(model, seed)
-
-
 # ---- streaming load --------------------------------------------------------------------------
 def checkpoint_key_to_param(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
-    """HF checkpoint key -> the (module, attribute) pairs holding it (several when tied)."""
-    lora_prefixes = {name + ".base." for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """HF checkpoint key -> the (module, attribute) pairs holding it (several when tied).
+
+    A module that wraps the checkpoint's module (an adapter around a linear) says so with a
+    `checkpoint_child` attribute naming the child that holds the checkpoint's tensors: the name
+    component is dropped (``q_proj.base.weight`` holds the checkpoint's ``q_proj.weight``)."""
+    wrapped = {f"{name}.{module.checkpoint_child}." for name, module in model.named_modules()
+               if getattr(module, "checkpoint_child", None)}
     mapping: dict[str, list[tuple[nn.Module, str]]] = {}
     for module_name, module in model.named_modules():
         for attr, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{attr}" if module_name else attr
             if param.requires_grad:
                 continue  # adapters are ours, not the checkpoint's
-            for prefix in lora_prefixes:
+            for prefix in wrapped:
                 if full.startswith(prefix):
-                    full = prefix[: -len("base.")] + full[len(prefix):]
+                    child = prefix.rstrip(".").rpartition(".")[2]
+                    full = prefix[: -len(child) - 1] + full[len(prefix):]
             mapping.setdefault(full, []).append((module, attr))
     return mapping
 
@@ -167,9 +131,8 @@ def local_row_range(rows: int, mesh, placements=None) -> tuple[int, int]:
     start, stop = 0, rows
     for dim, placement in enumerate(placements):
         if isinstance(placement, Shard) and placement.dim == 0:
-            chunk = math.ceil((stop - start) / mesh.size(dim))
-            start = min(start + mesh.get_local_rank(dim) * chunk, stop)
-            stop = min(start + chunk, stop)
+            first, last = row_range(stop - start, mesh.size(dim), mesh.get_local_rank(dim))
+            start, stop = start + first, start + last
     return start, stop
 
 
@@ -216,14 +179,14 @@ def _local_rows(entry, holder: tuple[nn.Module, str]) -> RowRange:
     return RowRange(entry, *local_row_range(entry.rows, param.device_mesh, param.placements))
 
 
-def _install_local_rows(module: nn.Module, attr: str, row_range: RowRange, rows: torch.Tensor,
+def _install_local_rows(module: nn.Module, attr: str, read: RowRange, rows: torch.Tensor,
                         device: torch.device) -> None:
     param = getattr(module, attr)
     rows = rows.to(device)
     if isinstance(module, NF4Linear) and attr == "weight":
         # The same NF4 bytes at every world size: the ranks splitting this weight exchange their
         # first-level absmax so that double quantization sees the whole weight (model/nf4.py).
-        first_block = row_range.start * module.in_features // NF4_BLOCKSIZE
+        first_block = read.start * module.in_features // NF4_BLOCKSIZE
         local = quantize_nf4_rows(rows.to(COMPUTE_DTYPE), COMPUTE_DTYPE, _absmax_gather(param), first_block)
     else:
         local = rows.to(param.dtype)
@@ -270,20 +233,3 @@ def _check_all_loaded(model: nn.Module) -> None:
                  or (isinstance(t, DTensor) and t.to_local().is_meta)]
     if leftovers:
         raise ValueError(f"weights never loaded: {', '.join(leftovers[:5])}")
-
-
-def install_adapter(model: nn.Module, peft_state: dict[str, torch.Tensor]) -> None:
-    """Copy a PEFT-keyed adapter (full tensors) into the model's (sharded) adapter parameters."""
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    ours = {PEFT_KEY_PREFIX + name: p for name, p in trainable.items()}
-    missing, unexpected = sorted(set(ours) - set(peft_state)), sorted(set(peft_state) - set(ours))
-    if missing or unexpected:
-        raise ValueError(f"adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
-                         "check --lora-target-modules and the base model")
-    with torch.no_grad():
-        for key, param in ours.items():
-            full = peft_state[key]
-            if tuple(full.shape) != tuple(param.shape):
-                raise ValueError(f"adapter tensor {key} has shape {tuple(full.shape)}, the model expects "
-                                 f"{tuple(param.shape)}: check --lora-rank and the base model")
-            copy_full_into(param, full.to(param.dtype))

@@ -36,10 +36,10 @@ import torch
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import bitsandbytes.functional as bnbf  # noqa: E402
 
+from fsdp_qlora.layout import NESTED_BLOCKSIZE, NF4_BLOCKSIZE  # noqa: E402
+
 aten = torch.ops.aten
 
-NF4_BLOCKSIZE = 64  # elements per first-level absmax
-NESTED_BLOCKSIZE = 256  # first-level absmax values per nested (second-level) absmax
 
 
 class NF4Tensor(torch.Tensor):

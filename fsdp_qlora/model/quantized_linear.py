@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from fsdp_qlora.model.nf4 import NF4Tensor
 
@@ -64,6 +65,23 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor, dense_weight: torch.Tensor | None = None) -> torch.Tensor:
         """`dense_weight`: this layer's weight already dequantized in x's dtype, to reuse."""
         return nf4_matmul(x, self.weight, dense_weight, self.bias)
+
+    # ---- the frozen-base interface (model/frozen.py) ----------------------------------------
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight dequantized to `dtype` (default: the compute dtype): the whole weight while
+        FSDP2 has it gathered, this rank's rows otherwise (e.g. to initialize DoRA's magnitude)."""
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        if not isinstance(weight, NF4Tensor):
+            raise RuntimeError("the NF4 base weight is not loaded yet: load the base weights first")
+        return weight.dequantize(dtype)
+
+    def matmul(self, x: torch.Tensor, dense_weight: torch.Tensor) -> torch.Tensor:
+        """x @ W^T without the bias; backward dequantizes W again instead of keeping `dense_weight`."""
+        return nf4_matmul(x, self.weight, dense_weight)
+
+    def weight_loaded(self) -> bool:
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        return isinstance(weight, NF4Tensor)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_qlora.config import ConfigError
+from fsdp_qlora.errors import ConfigError
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,

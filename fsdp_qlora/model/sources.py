@@ -6,18 +6,13 @@ Everything here reads only small JSON files, so bad input fails before any weigh
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
-from fsdp_qlora.config import ConfigError
+from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.model import gguf
+from fsdp_qlora.model.cache import default_cache_dir
 from fsdp_qlora.model.registry import MODELS
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FSDP_QLORA_CACHE") or Path.home() / ".cache" / "fsdp_qlora")
-
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 

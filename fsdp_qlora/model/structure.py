@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from fsdp_qlora.config import ConfigError
+from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.model.registry import ARCHITECTURES
 
 

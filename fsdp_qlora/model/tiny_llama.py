@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fsdp_qlora.data.make_sample_data import SAMPLE_DATASET_PATH
 from fsdp_qlora.data.sft import format_prompt
-from fsdp_qlora.model.sources import default_cache_dir
+from fsdp_qlora.model.cache import default_cache_dir
 
 # Bump whenever the generator's output changes for the same config and data: it is part of
 # the cache key, so cached models regenerate instead of silently going stale.

@@ -1,5 +1,5 @@
-"""DoRA (Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation") on frozen NF4 or dense bases,
-numerically following PEFT's `DoraLinearLayer`.
+"""DoRA (Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation") on any frozen base (the interface
+of `model/frozen.py`: NF4 or dense), numerically following PEFT's `DoraLinearLayer`.
 
 The adapted weight is ``W' = m * (W + s·B·A) / ||W + s·B·A||_row``: a trainable magnitude ``m``
 per output feature times the unit-norm direction of the LoRA-updated weight. As in PEFT (and
@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from fsdp_qlora.model.nf4 import NF4Tensor
-from fsdp_qlora.model.quantized_linear import NF4Linear, nf4_matmul
-from fsdp_qlora.peft.lora import LoRALinear, _module_device
+from fsdp_qlora.model import frozen
+from fsdp_qlora.peft.lora import LoRALinear, module_device
 
 # fp32 elements of W converted at a time for the norm (64 MiB): bounds the transient copy
 # whatever the layer's size, and is a single block for all but the largest projections.
@@ -64,28 +63,15 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor | None = None, l
     return total.clamp_min(0).sqrt()
 
 
-def dense_weight(base: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The base layer's weight as a dense ``(out, in)`` tensor: NF4 dequantized (in `dtype`),
-    anything else as stored. Under FSDP2 this is called during forward, when it is unsharded."""
-    weight = base.weight
-    if isinstance(weight, DTensor):
-        weight = weight.to_local()  # this rank's rows (used when initializing the magnitude)
-    if isinstance(weight, NF4Tensor):
-        return weight.dequantize(dtype)
-    if isinstance(base, NF4Linear):
-        raise RuntimeError("DoRA needs the NF4 base weight, which is not loaded yet: load the base weights first")
-    return weight
-
-
 class DoRALinear(LoRALinear):
     """`LoRALinear` plus a magnitude vector: PEFT's `use_dora=True` on a linear layer."""
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32, use_rslora: bool = False):
         super().__init__(base, r, lora_alpha, lora_dropout, dtype=dtype, use_rslora=use_rslora)
-        magnitude = torch.empty(base.out_features, device=_module_device(base), dtype=dtype)
+        magnitude = torch.empty(base.out_features, device=module_device(base), dtype=dtype)
         self.lora_magnitude_vector = nn.Parameter(magnitude)
-        if _weight_loaded(base):
+        if frozen.weight_loaded(base):
             self.reset_magnitude()  # else: init_dora_magnitudes once the base weights are loaded
 
     def materialize(self, device: torch.device) -> None:
@@ -101,7 +87,7 @@ class DoRALinear(LoRALinear):
         """
         # The compute dtype's dequantization, the very weight forward sees: the init is then an
         # exact no-op (scale = 1) in fp32 adapters.
-        norms = dora_weight_norm(dense_weight(self.base))
+        norms = dora_weight_norm(frozen.dense_weight(self.base))
         magnitude = self.lora_magnitude_vector
         target = magnitude.to_local() if isinstance(magnitude, DTensor) else magnitude
         if target.shape != norms.shape:
@@ -112,8 +98,8 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Dequantize once; the base matmul, the norm and (with dropout) the second base matmul
         # all use this copy, and none keeps it for backward (NF4 backward re-dequantizes).
-        weight = dense_weight(self.base, x.dtype)
-        result = self.base(x, dense_weight=weight) if isinstance(self.base, NF4Linear) else self.base(x)
+        weight = frozen.dense_weight(self.base, x.dtype)
+        result = frozen.forward(self.base, x, weight)
         lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         norm = dora_weight_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
         # An fp32 ratio even when bf16 mixed precision hands us m in bf16 (PEFT would round it).
@@ -124,15 +110,9 @@ class DoRALinear(LoRALinear):
             base_result = result if bias is None else result - bias
         else:
             # PEFT: with dropout active, the direction term sees the dropped-out input too.
-            base_result = self._matmul(lora_x, weight.to(lora_x.dtype))
+            base_result = frozen.matmul(self.base, lora_x, weight.to(lora_x.dtype))
         dora = (scale - 1) * base_result + scale * lora_result * self.scaling
         return (result + dora).to(result.dtype)
-
-    def _matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x @ W^T without bias; for NF4 W is not saved for backward (re-dequantized there)."""
-        if isinstance(self.base, NF4Linear):
-            return nf4_matmul(x, self.base.weight, weight)
-        return torch.nn.functional.linear(x, weight)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora"
@@ -144,11 +124,3 @@ def init_dora_magnitudes(model: nn.Module) -> int:
     for layer in layers:
         layer.reset_magnitude()
     return len(layers)
-
-
-def _weight_loaded(base: nn.Module) -> bool:
-    weight = getattr(base, "weight", None)
-    if weight is None or weight.is_meta:
-        return False
-    local = weight.to_local() if isinstance(weight, DTensor) else weight
-    return isinstance(local, NF4Tensor) or (local.is_floating_point() and not local.is_meta)

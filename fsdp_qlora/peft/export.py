@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from fsdp_qlora.config import DORA_TRAIN_TYPES
+from fsdp_qlora.peft.lora import copy_full_into
+from fsdp_qlora.peft.spec import AdapterSpec
 from fsdp_qlora.peft.targets import is_all_linear, linear_names
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -64,10 +66,7 @@ def adapted_modules(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return sorted({key.removeprefix(PEFT_KEY_PREFIX).rsplit(".lora_", 1)[0] for key in state_dict})
 
 
-def peft_adapter_config(base_model_name_or_path: str, r: int, lora_alpha: float, lora_dropout: float,
-                        target_modules: list[str], *, use_rslora: bool = False, use_dora: bool = False,
-                        rank_pattern: dict[str, int] | None = None,
-                        alpha_pattern: dict[str, float] | None = None) -> dict:
+def peft_adapter_config(spec: AdapterSpec, base_model_name_or_path: str, target_modules: list[str]) -> dict:
     """The `adapter_config.json` content PEFT writes for LoRA/DoRA on a causal LM.
 
     Only fields PEFT has had since 0.10 are written, so older PEFT versions load it too; newer
@@ -80,37 +79,36 @@ def peft_adapter_config(base_model_name_or_path: str, r: int, lora_alpha: float,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        "r": r,
-        "lora_alpha": lora_alpha,
-        "lora_dropout": lora_dropout,
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
         "target_modules": sorted(set(target_modules)),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": use_rslora,
-        "use_dora": use_dora,
+        "use_rslora": spec.use_rslora,
+        "use_dora": spec.use_dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": dict(rank_pattern or {}),
-        "alpha_pattern": dict(alpha_pattern or {}),
+        "rank_pattern": dict(spec.rank_pattern),
+        "alpha_pattern": dict(spec.alpha_pattern),
         "layer_replication": None,
         "auto_mapping": None,
     }
 
 
-def save_peft_adapter(output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor],
-                      base_model_name_or_path: str, r: int, lora_alpha: float, lora_dropout: float,
-                      target_modules: list[str], **options) -> Path:
+def save_peft_adapter(output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor], spec: AdapterSpec,
+                      base_model_name_or_path: str, target_modules: list[str]) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` into `output_dir`.
 
-    `state_dict` is `adapter_state_dict`'s output; `options` are `peft_adapter_config`'s. Both files are written to a sibling temp dir
+    `state_dict` is `adapter_state_dict`'s output. Both files are written to a sibling temp dir
     which then replaces `output_dir` as a whole, so a crash mid-save leaves the previous adapter
     intact (never a new config next to old or half-written weights).
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    config = peft_adapter_config(base_model_name_or_path, r, lora_alpha, lora_dropout, target_modules, **options)
+    config = peft_adapter_config(spec, base_model_name_or_path, target_modules)
     # safetensors needs contiguous CPU tensors; fp32 is what PEFT would load into fp32 adapters.
     tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in state_dict.items()}
 
@@ -154,23 +152,36 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old)
 
 
-def export_trained_adapter(output_dir: str | os.PathLike, full_tensors: dict[str, torch.Tensor], cfg,
+def export_trained_adapter(output_dir: str | os.PathLike, full_tensors: dict[str, torch.Tensor], spec: AdapterSpec,
                            base_model_path: str) -> Path:
     """The run's adapter in PEFT format, from full (unsharded) adapter tensors named as in our
-    model, with the settings of `cfg` (a TrainConfig). One path for train.py and tools/.
+    model. One path for train.py and tools/.
 
     `target_modules` is always a list of names (never PEFT's regex or `all-linear` shorthand), so
     every loader that reads the names can apply it: the given names; for `all-linear` the names of
     the linears it adapted (in every layer alike); for a regex the qualified names it matched."""
     state_dict = adapter_state_dict(full_tensors)
-    if cfg.lora_target_regex:
+    if isinstance(spec.targets, str):
         targets = adapted_modules(state_dict)
-    elif is_all_linear(cfg.lora_target_modules):
+    elif is_all_linear(spec.target_modules):
         targets = linear_names(adapted_modules(state_dict))
     else:
-        targets = sorted(set(cfg.lora_target_modules))
-    return save_peft_adapter(output_dir, state_dict, base_model_name_or_path=base_model_path,
-                             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=targets, use_rslora=cfg.use_rslora,
-                             use_dora=cfg.train_type in DORA_TRAIN_TYPES, rank_pattern=cfg.rank_pattern(),
-                             alpha_pattern=cfg.alpha_pattern())
+        targets = sorted(set(spec.targets))
+    return save_peft_adapter(output_dir, state_dict, spec, base_model_path, targets)
+
+
+def install_adapter(model: nn.Module, peft_state: dict[str, torch.Tensor]) -> None:
+    """Copy a PEFT-keyed adapter (full tensors) into the model's (sharded) adapter parameters."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    ours = {PEFT_KEY_PREFIX + name: p for name, p in trainable.items()}
+    missing, unexpected = sorted(set(ours) - set(peft_state)), sorted(set(peft_state) - set(ours))
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+                         "check --lora-target-modules and the base model")
+    with torch.no_grad():
+        for key, param in ours.items():
+            full = peft_state[key]
+            if tuple(full.shape) != tuple(param.shape):
+                raise ValueError(f"adapter tensor {key} has shape {tuple(full.shape)}, the model expects "
+                                 f"{tuple(param.shape)}: check --lora-rank and the base model")
+            copy_full_into(param, full.to(param.dtype))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from fsdp_qlora.config import ConfigError
+from fsdp_qlora.errors import ConfigError
 
 # PEFT's shorthand: every linear layer but the output head. Here: every linear inside every decoder
 # layer, whatever the architecture calls it (q_proj, qkv_proj, gate_up_proj, c_fc, ...).

@@ -13,25 +13,28 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from fsdp_qlora import faults
-from fsdp_qlora.checkpoint.manager import CheckpointManager, TrainerState, base_model_identity, resolve_resume
-from fsdp_qlora.config import ConfigError, TrainConfig
+from fsdp_qlora.checkpoint.manager import CheckpointManager, TrainerState, base_model_identity, read_trainer_state
+from fsdp_qlora.checkpoint.resume import check_resume_settings, resolve_resume
+from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.data.pipeline import build_train_data
 from fsdp_qlora.data.sft import IGNORE_INDEX
 from fsdp_qlora.distributed.env import DistEnv, broadcast_object, init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh, shard_size
+from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.metrics.logger import MetricsLogger
 from fsdp_qlora.metrics.progress import Progress
 from fsdp_qlora.metrics.system import flops_per_token, memory_scalars, peak_tflops
 from fsdp_qlora.model.gguf import gguf_note
-from fsdp_qlora.model.loader import build_qlora_model, check_model
 from fsdp_qlora.model.sources import resolve_model
+from fsdp_qlora.peft.apply import adapter_param_groups
 from fsdp_qlora.peft.export import export_trained_adapter
-from fsdp_qlora.peft.lora import adapter_param_groups
+from fsdp_qlora.peft.spec import AdapterSpec
+from fsdp_qlora.train.build import build_qlora_model, check_model
 from fsdp_qlora.train.evaluate import evaluate
 from fsdp_qlora.train.loss import token_loss_sum
 from fsdp_qlora.train.memory import check_device_options
 from fsdp_qlora.train.optim import build_optimizer, build_scheduler
-from fsdp_qlora.train.planner import warn_if_plan_does_not_fit
+from fsdp_qlora.train.plan_advice import warn_if_plan_does_not_fit
 from fsdp_qlora.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, PreemptionFlag, TrainingInterrupted
 
 
@@ -45,14 +48,21 @@ def train(cfg: TrainConfig) -> Path:
         run_dir = _prepare_run_dir(cfg, env)
         if env.is_main and gguf_note(model_dir):
             print(gguf_note(model_dir), flush=True)  # weights dequantized from a k-bit GGUF keep its error
+        checkpoints = CheckpointManager(run_dir, env.rank, cfg.keep_last, cfg.async_save)
+        resume_from = resolve_resume(cfg.resume, checkpoints)
+        saved = read_trainer_state(resume_from) if resume_from else None
+        if saved:  # another base, adapter shape or data: refused here, before data or weights load
+            check_resume_settings(cfg, saved, resume_from, base_model_identity(model_dir))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # tokenized once (rank 0, then per node) and cached; data errors surface before weights load
         data = build_train_data(cfg, tokenizer, env.rank, env.world_size, env.is_main, env.local_rank)
+        if saved:
+            _restore_data_position(data, saved, env)  # refuses changed data content, before weights
         mesh = build_mesh(env, cfg.sharding, cfg.replicate_groups)  # fsdp | hsdp | ddp
         if env.is_main:
             warn_if_plan_does_not_fit(cfg, model_dir, shard_size(mesh), env.device)  # before loading weights
         model = build_qlora_model(model_dir, cfg, env, mesh)
-        _train_loop(model, data, cfg, env, run_dir, model_dir)
+        _train_loop(model, data, cfg, env, run_dir, model_dir, checkpoints, resume_from)
         _export_adapter(model, cfg, env, model_dir, run_dir / "adapter")
         return run_dir
     finally:
@@ -104,30 +114,31 @@ def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step:
     return step_loss, int(input_tokens)
 
 
-def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, model_dir: Path) -> None:
+def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, model_dir: Path,
+                checkpoints: CheckpointManager, resume_from: Path | None) -> None:
     adapter_params = [p for p in model.parameters() if p.requires_grad]
     per_epoch = data.steps_per_epoch  # None when streaming, which requires --max-steps
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * per_epoch
     # LoRA+ (--loraplus-lr-ratio) puts B in a group of its own with a higher LR.
     optimizer = build_optimizer(adapter_param_groups(model, cfg.loraplus_lr_ratio, cfg.lr), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    checkpoints = CheckpointManager(run_dir, env.rank, cfg.keep_last, cfg.async_save)
     state = TrainerState(base_model_id=base_model_identity(model_dir), base_model_path=str(model_dir.resolve()),
                          world_size=env.world_size, config=cfg.to_dict())
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank, repeatably
-    state = _maybe_resume(cfg, env, checkpoints, model, optimizer, scheduler, state)
+    if resume_from is not None:
+        state = _resume(resume_from, cfg, env, checkpoints, model, optimizer, scheduler)
     metrics = MetricsLogger(run_dir, enabled=env.is_main, resume_step=state.step)
     metrics.log_hparams(cfg.to_dict(), {"train/loss": float("nan")})
     metrics.log(state.step, data.scalars(), jsonl=False)  # data/efficiency (padding or packing), sizes
     progress = Progress(total_steps, state.step, enabled=env.is_main)
     model_flops_per_token, device_peak = flops_per_token(model, cfg.context_length), peak_tflops(env.device)
-    data.set_position(state.micro_batches_consumed)  # resumable sampler: epoch + micro-batches into it
-    batches = data.batches()
+    batches = data.batches()  # from the position restored before the weights loaded (if resuming)
     preemption = PreemptionFlag()
     bad_steps = 0
     model.train()
     while state.step < total_steps:
         started = time.perf_counter()
+        position_before_step = data.state_dict()
         micro = [{k: v.to(env.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum_steps)]
         step_loss, input_tokens = _train_step(model, micro, env, state.step + 1, cfg.loss_chunk_tokens)
         grad_norm = _clip_grad_norm(adapter_params, cfg.max_grad_norm)
@@ -141,7 +152,8 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
                              f"update skipped ({bad_steps}/{cfg.max_bad_steps} in a row)")
         optimizer.zero_grad(set_to_none=True)
         if bad_steps >= cfg.max_bad_steps:
-            checkpoints.save(model, optimizer, state)  # the last good state: nothing was applied since
+            # the last good state: nothing was applied since; a resume feeds this step's batches again
+            checkpoints.save(model, optimizer, _with_data(state, position_before_step))
             raise TrainingInterrupted(EXIT_DIVERGED, f"{bad_steps} non-finite steps in a row; checkpoint saved at "
                                       f"step {state.step} with the last good weights (step {state.step - bad_steps + 1}): "
                                       "lower --lr or check the data")
@@ -167,30 +179,36 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
             progress.message(f"step {state.step}: eval loss {eval_scalars['eval_loss']:.4f}, "
                              f"perplexity {eval_scalars['eval_perplexity']:.2f}")
         if preemption.agreed():
-            checkpoints.save(model, optimizer, state)
+            checkpoints.save(model, optimizer, _with_data(state, data.state_dict()))
             checkpoints.wait()
             raise TrainingInterrupted(EXIT_PREEMPTED, f"stopped by a signal; checkpoint saved at step {state.step}: "
                                       "rerun the same command to resume")
         if state.step == total_steps or (cfg.save_every and state.step % cfg.save_every == 0):
-            checkpoints.save(model, optimizer, state)
+            checkpoints.save(model, optimizer, _with_data(state, data.state_dict()))
             metrics.log(state.step, {"checkpoint/saved_step": state.step}, jsonl=False)
     checkpoints.wait()
     progress.close()
     metrics.close()
 
 
-def _maybe_resume(cfg, env, checkpoints, model, optimizer, scheduler, state: TrainerState) -> TrainerState:
-    path = resolve_resume(cfg.resume, checkpoints)
-    if path is None:
-        return state
-    shaping = ("train_type", "optimizer", "lora_rank", "lora_target_modules")
-    loaded = checkpoints.load(path, model, optimizer, state.base_model_id,
-                              must_match={k: v for k, v in cfg.to_dict().items() if k in shaping})
+def _with_data(state: TrainerState, position: dict) -> TrainerState:
+    state.data = position
+    return state
+
+
+def _restore_data_position(data, saved: TrainerState, env: DistEnv) -> None:
+    """Continue the data after exactly the examples the checkpoint consumed (any layout)."""
+    if saved.data:
+        data.load_state_dict(saved.data)
+    else:  # checkpoints from before data positions were saved: micro-batches, rescaled by world size
+        data.set_position(saved.micro_batches_consumed * saved.world_size // env.world_size)
+
+
+def _resume(path: Path, cfg, env, checkpoints, model, optimizer, scheduler) -> TrainerState:
+    loaded = checkpoints.load(path, model, optimizer)
     scheduler.load_state_dict(loaded.scheduler)
     if loaded.world_size != env.world_size:
-        # Another world size reshuffles the data: continue after the same number of examples.
-        loaded.micro_batches_consumed = loaded.micro_batches_consumed * loaded.world_size // env.world_size
-        torch.manual_seed(cfg.seed + env.rank + loaded.step)
+        torch.manual_seed(cfg.seed + env.rank + loaded.step)  # other ranks: fresh dropout streams, repeatable
     if env.is_main:
         print(f"resumed from {path} at step {loaded.step}", flush=True)
     return TrainerState(**{**loaded.__dict__, "world_size": env.world_size, "config": cfg.to_dict()})
@@ -207,4 +225,4 @@ def _export_adapter(model: nn.Module, cfg: TrainConfig, env: DistEnv, model_dir:
     # full_tensor() all-gathers each adapter tensor: every rank joins, rank 0 writes.
     full = {name: p.full_tensor().cpu() for name, p in model.named_parameters() if p.requires_grad}
     if env.is_main:
-        export_trained_adapter(out_dir, full, cfg, str(model_dir.resolve()))
+        export_trained_adapter(out_dir, full, AdapterSpec.from_config(cfg), str(model_dir.resolve()))

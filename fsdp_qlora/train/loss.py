@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fsdp_qlora.data.sft import IGNORE_INDEX
 from fsdp_qlora.data.packing import model_inputs
+from fsdp_qlora.data.sft import IGNORE_INDEX
 from fsdp_qlora.model.registry import architecture
 
 # With lm_head bypassed (`final_hidden_states`), the root returns Hugging Face's slice of the

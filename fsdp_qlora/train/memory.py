@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fsdp_qlora.config import ConfigError, TrainConfig
+from fsdp_qlora.config import TrainConfig
+from fsdp_qlora.errors import ConfigError
 
 PAGED_OPTIMIZERS = ("paged_adamw", "paged_adamw8bit")
 

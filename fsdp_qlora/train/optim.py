@@ -38,8 +38,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.optim.lr_scheduler import LambdaLR
 
 from fsdp_qlora.config import TrainConfig
-
-BNB_BLOCKSIZE = 256  # bitsandbytes' blockwise optimizer state: one absmax per 256 elements
+from fsdp_qlora.layout import OPTIMIZER_BLOCKSIZE, row_counts
 
 
 def build_optimizer(params: list[torch.nn.Parameter] | list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -86,15 +85,13 @@ def blocks_align(shape: torch.Size | tuple[int, ...], shards: int | None) -> boo
     if shards is None:
         return False
     rows, row_numel = shape[0], math.prod(shape[1:])
-    chunk = math.ceil(rows / shards)
-    sizes = [max(0, min(chunk, rows - i * chunk)) * row_numel for i in range(shards)]
-    sizes = [s for s in sizes if s]
-    if any(s % BNB_BLOCKSIZE for s in sizes[:-1]):
+    sizes = [count * row_numel for count in row_counts(rows, shards) if count]
+    if any(s % OPTIMIZER_BLOCKSIZE for s in sizes[:-1]):
         return False
-    blocks = math.ceil(rows * row_numel / BNB_BLOCKSIZE)
+    blocks = math.ceil(rows * row_numel / OPTIMIZER_BLOCKSIZE)
     block_chunk = math.ceil(blocks / shards)
     expected = [max(0, min(block_chunk, blocks - i * block_chunk)) for i in range(shards)]
-    return [math.ceil(s / BNB_BLOCKSIZE) for s in sizes] == [e for e in expected if e][: len(sizes)]
+    return [math.ceil(s / OPTIMIZER_BLOCKSIZE) for s in sizes] == [e for e in expected if e][: len(sizes)]
 
 
 def _as_dtensor_like(local: torch.Tensor, param: torch.Tensor, shape=None) -> torch.Tensor:
@@ -180,7 +177,7 @@ def _make_sharded_bnb_class():
         def _portable(self, param, state) -> dict[str, torch.Tensor]:
             out = {"step": torch.tensor(float(state["step"]))}
             if state["state1"].dtype == torch.uint8:
-                blocks = (math.ceil(param.numel() / BNB_BLOCKSIZE),)
+                blocks = (math.ceil(param.numel() / OPTIMIZER_BLOCKSIZE),)
                 out["state1"] = _as_dtensor_like(state["state1"], param)
                 out["state2"] = _as_dtensor_like(state["state2"], param)
                 out["absmax1"] = _as_dtensor_like(state["absmax1"], param, blocks)

@@ -4,6 +4,9 @@
     python train.py --plan ...            # the same, with train.py's flags
     python tools/plan_memory.py ... --auto    # the cheapest options (least slowdown) that fit
 
+This module estimates (`plan_memory`); choosing options that fit and reporting the plan is
+train/plan_advice.py.
+
 Two kinds of figures:
 
 * **Static, exact**: the bytes this rank holds for its NF4 weight shard (4-bit codes + quantization
@@ -29,10 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fsdp_qlora.config import QUANTIZED_TRAIN_TYPES, TrainConfig
+from fsdp_qlora.layout import NESTED_BLOCKSIZE, NF4_BLOCKSIZE, OPTIMIZER_BLOCKSIZE, row_chunk
 from fsdp_qlora.model.registry import MODELS, alias_config
+from fsdp_qlora.peft.spec import AdapterSpec
 
 GIB = 2**30
-NF4_BLOCK, NESTED_BLOCK, BNB_BLOCK = 64, 256, 256
 RUNTIME_OVERHEAD = int(0.75 * GIB)  # CUDA context + cuBLAS workspace + NCCL buffers (not in max_memory_allocated)
 FRAGMENTATION = 0.05
 # Per logit of one loss chunk at its backward: fp32 log-softmax (kept by cross-entropy), its fp32
@@ -57,7 +62,7 @@ def load_model_config(model: str) -> dict[str, Any]:
         path = path / "config.json"
     if path.is_file():
         return json.loads(path.read_text())
-    from fsdp_qlora.config import ConfigError
+    from fsdp_qlora.errors import ConfigError
 
     raise ConfigError(f"the planner has no config for {model!r}: pass one of {', '.join(sorted(KNOWN_CONFIGS))}, "
                       "tiny-llama, or a config.json (or a directory holding one)")
@@ -108,45 +113,46 @@ class Geometry:
         return [name.removeprefix(self.layer_prefix) for name in select_targets(qualified, qualified, targets)]
 
 
-def _chunk(n: int, world: int) -> int:
-    """Rank 0's share of n rows under torch.chunk (the largest)."""
-    return math.ceil(n / world)
-
-
 def nf4_shard_bytes(out_features: int, in_features: int, world: int) -> tuple[int, int]:
     """(4-bit codes, quantization constants) of one rank's NF4 shard, as NF4Tensor holds them."""
-    n = _chunk(out_features, world) * in_features
-    blocks = n // NF4_BLOCK
-    whole_blocks = out_features * in_features // NF4_BLOCK  # nested absmax and offset: the whole weight's
-    return n // 2, blocks + 4 * math.ceil(whole_blocks / NESTED_BLOCK) + 4  # absmax_q u8, nested fp32, offset fp32
+    n = row_chunk(out_features, world) * in_features
+    blocks = n // NF4_BLOCKSIZE
+    whole_blocks = out_features * in_features // NF4_BLOCKSIZE  # nested absmax and offset: the whole weight's
+    return n // 2, blocks + 4 * math.ceil(whole_blocks / NESTED_BLOCKSIZE) + 4  # absmax_q u8, nested fp32, offset fp32
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
-    world_size: int = 2  # ranks one parameter is sharded over (1 under --sharding ddp)
+    """A run's settings (`TrainConfig`) seen by one rank: the planner reads its fields through this
+    (``opt.context_length``), with the ranks one parameter is sharded over and the layout."""
+
+    cfg: TrainConfig
+    world_size: int  # ranks one parameter is sharded over (1 under --sharding ddp)
     sharding: str = "fsdp"  # as --sharding; only "ddp" changes what the planner prints
-    train_type: str = "qlora"  # qlora/qdora: NF4 base; lora/dora: bf16 base
-    context_length: int = 2048
-    batch_size: int = 1
-    lora_rank: int = 8
-    lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] = ("all-linear",)
-    lora_target_regex: str = ""  # replaces lora_target_modules when set, as in the loader
-    optimizer: str = "adamw"
-    min_8bit_size: int = 4096
-    loss_chunk_tokens: int = 1024
-    activation_checkpointing: bool = False
-    activation_checkpointing_every: int = 1
-    activation_offload: bool = False
-    cpu_offload: bool = False
-    reshard_after_forward: bool = True
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "cfg":  # not set yet (unpickling, copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.cfg, name)
 
     @classmethod
-    def from_train_config(cls, cfg, world_size: int) -> "Options":
-        names = {f.name for f in dataclasses.fields(cls)} - {"world_size"}
-        values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
-        values["lora_target_modules"] = tuple(values.get("lora_target_modules", cls.lora_target_modules))
-        return cls(world_size=world_size, **values)
+    def of(cls, world_size: int, sharding: str = "fsdp", **settings: Any) -> "Options":
+        """Options from TrainConfig fields given by name (the rest: TrainConfig's defaults)."""
+        return cls(TrainConfig(**settings), world_size, sharding)
+
+    def replace(self, **changes: Any) -> "Options":
+        """Another option set: `world_size` / `sharding` and any TrainConfig field."""
+        own = {k: changes.pop(k) for k in ("world_size", "sharding") if k in changes}
+        return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, **changes), **own)
+
+    @property
+    def adapter(self) -> AdapterSpec:
+        return AdapterSpec.from_config(self.cfg)
+
+    @property
+    def quantized(self) -> bool:
+        """An NF4 base (qlora/qdora); lora/dora keep the base in bf16."""
+        return self.cfg.train_type in QUANTIZED_TRAIN_TYPES
 
 
 @dataclass
@@ -165,27 +171,27 @@ class Plan:
 
 def static_bytes(geo: Geometry, opt: Options) -> dict[str, int]:
     """Exact bytes one rank (rank 0, the largest shard) holds for weights, adapters and optimizer."""
-    w, r = opt.world_size, opt.lora_rank
-    quantized = opt.train_type in ("qlora", "qdora")
+    w, r = opt.world_size, opt.adapter.r
+    quantized = opt.quantized
     codes = constants = dense_linears = 0
     for out_f, in_f in geo.linears().values():
         if quantized:
             c, q = nf4_shard_bytes(out_f, in_f, w)
             codes, constants = codes + c, constants + q
         else:  # lora/dora: the frozen base linears stay bf16
-            dense_linears += _chunk(out_f, w) * in_f * 2
+            dense_linears += row_chunk(out_f, w) * in_f * 2
     frozen = sum(_sharded_elements(shape, w) * 2 for shape in geo.root_frozen)  # embeddings, lm_head, final norm
     layer_frozen = sum(_sharded_elements(shape, w) * 2 for shape in geo.layer_frozen)  # norms
-    layer_frozen += sum(_chunk(out_f, w) * 2 for out_f in geo.layer_biases.values())  # linear biases (bf16)
+    layer_frozen += sum(row_chunk(out_f, w) * 2 for out_f in geo.layer_biases.values())  # linear biases (bf16)
     adapter_elems, optimizer = 0, 0
-    targets = geo.targets(opt.lora_target_regex or opt.lora_target_modules)
+    targets = geo.targets(opt.adapter.target_modules)
     shapes = [(r, geo.linears()[n][1]) for n in targets]  # lora_A (r, in)
     shapes += [(geo.linears()[n][0], r) for n in targets]  # lora_B (out, r)
-    if opt.train_type in ("qdora", "dora"):
+    if opt.adapter.use_dora:
         shapes += [(geo.linears()[n][0],) for n in targets]  # lora_magnitude_vector
     for shape in shapes:
         rows, cols = shape[0], math.prod(shape[1:])
-        local = _chunk(rows, w) * cols
+        local = row_chunk(rows, w) * cols
         adapter_elems += local
         optimizer += _optimizer_bytes(shape, local, opt)
     return {
@@ -200,7 +206,7 @@ def static_bytes(geo: Geometry, opt: Options) -> dict[str, int]:
 
 def _sharded_elements(shape: tuple[int, ...], world: int) -> int:
     """Rank 0's elements of a parameter FSDP2 splits by rows (torch.chunk)."""
-    return _chunk(shape[0], world) * math.prod(shape[1:]) if shape else 1
+    return row_chunk(shape[0], world) * math.prod(shape[1:]) if shape else 1
 
 
 def _optimizer_bytes(shape: tuple[int, ...], local: int, opt: Options) -> int:
@@ -209,7 +215,7 @@ def _optimizer_bytes(shape: tuple[int, ...], local: int, opt: Options) -> int:
     from fsdp_qlora.train.optim import blocks_align
 
     if opt.optimizer.endswith("8bit") and math.prod(shape) >= opt.min_8bit_size and blocks_align(shape, opt.world_size):
-        return 2 * local + 8 * math.ceil(local / BNB_BLOCK)  # uint8 codes x2, fp32 absmax x2 per 256
+        return 2 * local + 8 * math.ceil(local / OPTIMIZER_BLOCKSIZE)  # uint8 codes x2, fp32 absmax x2 per 256
     return 8 * local
 
 
@@ -226,12 +232,12 @@ def activation_bytes_per_token_layer(geo: Geometry, opt: Options) -> int:
     """
     h, kv, i = geo.hidden, geo.kv_heads * geo.head_dim, geo.intermediate
     total = 12 * h + 6 * h + 6 * kv + 4 * geo.heads + 8 * i
-    targets = geo.targets(opt.lora_target_regex or opt.lora_target_modules)
-    if opt.lora_dropout > 0:
-        total += sum(3 * geo.linears()[n][1] + 2 * opt.lora_rank for n in targets)
+    targets = geo.targets(opt.adapter.target_modules)
+    if opt.adapter.dropout > 0:
+        total += sum(3 * geo.linears()[n][1] + 2 * opt.adapter.r for n in targets)
     else:
-        total += 2 * opt.lora_rank * len(targets)
-    if opt.train_type in ("qdora", "dora"):
+        total += 2 * opt.adapter.r * len(targets)
+    if opt.adapter.use_dora:
         total += sum(4 * geo.linears()[n][0] for n in targets)
     return total
 
@@ -239,9 +245,9 @@ def activation_bytes_per_token_layer(geo: Geometry, opt: Options) -> int:
 def dora_temporary_bytes_per_token(geo: Geometry, opt: Options) -> int:
     """DoRA's fp32 (tokens x out) working tensors for the linear being computed: the magnitude
     ratio times the base and adapter outputs in forward, their gradients in backward (~2 alive)."""
-    if opt.train_type not in ("qdora", "dora"):
+    if not opt.adapter.use_dora:
         return 0
-    return 8 * max(geo.linears()[n][0] for n in geo.targets(opt.lora_target_regex or opt.lora_target_modules))
+    return 8 * max(geo.linears()[n][0] for n in geo.targets(opt.adapter.target_modules))
 
 
 def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
@@ -249,13 +255,13 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     static = static_bytes(geo, opt)
     tokens = opt.batch_size * opt.context_length
     w = opt.world_size
-    if opt.train_type in ("qlora", "qdora"):
+    if opt.quantized:
         layer_full = sum(sum(nf4_shard_bytes(o, i, 1)) for o, i in geo.linears().values())  # one gathered layer
         biggest_bf16 = max(o * i for o, i in geo.linears().values()) * 2  # one weight dequantized per matmul
     else:  # bf16 base: gathered as is, nothing to dequantize
         layer_full, biggest_bf16 = sum(o * i * 2 for o, i in geo.linears().values()), 0
-    layer_adapter = sum((geo.linears()[n][1] + geo.linears()[n][0]) * opt.lora_rank
-                        for n in geo.targets(opt.lora_target_regex or opt.lora_target_modules))
+    layer_adapter = sum((geo.linears()[n][1] + geo.linears()[n][0]) * opt.adapter.r
+                        for n in geo.targets(opt.adapter.target_modules))
     gathered_layers = 2 if opt.reshard_after_forward else geo.layers + 1  # current + prefetched (or all)
     parts: dict[str, int] = {}
     host: dict[str, int] = {}
@@ -306,142 +312,3 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     if forward_start > step_peak:
         parts.update(layer_buffers=0, activations=0, logits_and_loss=0, embeddings_at_forward_start=forward_start)
     return Plan(parts, host, sum(parts.values()), opt)
-
-
-# ---- choosing options --------------------------------------------------------------------------
-# (overrides, relative step time): ordered by slowdown, the first that fits is the cheapest.
-CANDIDATES: list[tuple[dict[str, Any], float]] = [
-    ({"reshard_after_forward": False}, 0.95),
-    ({}, 1.0),
-    ({"optimizer": "adamw8bit"}, 1.01),
-    ({"activation_checkpointing": True, "activation_checkpointing_every": 2}, 1.17),
-    ({"activation_checkpointing": True, "activation_checkpointing_every": 2, "activation_offload": True}, 1.25),
-    ({"activation_checkpointing": True}, 1.33),
-    ({"activation_checkpointing": True, "optimizer": "adamw8bit", "loss_chunk_tokens": 256}, 1.34),
-    # boundaries to pinned host memory: one batch x seq x hidden copy each way per layer, overlapped
-    # with little else on a 70B layer's compute, so a few percent more than checkpointing alone
-    ({"activation_checkpointing": True, "activation_offload": True}, 1.38),
-    ({"activation_checkpointing": True, "activation_offload": True, "optimizer": "adamw8bit",
-      "loss_chunk_tokens": 256}, 1.39),
-    ({"activation_checkpointing": True, "cpu_offload": True}, 1.6),
-    ({"activation_checkpointing": True, "cpu_offload": True, "loss_chunk_tokens": 256}, 1.62),
-]
-
-
-# Replicating the whole NF4 base on every GPU skips every all-gather (the reference recipe found
-# it faster than sharding whenever the model fits): with several ranks, each option set is also
-# tried under --sharding ddp at this factor (not with CPU offload: N full copies in host memory).
-REPLICATED_SPEEDUP = 0.85
-
-
-def auto_plan(config: dict[str, Any], base: Options, gpu_bytes: int) -> tuple[Plan | None, float]:
-    candidates = list(CANDIDATES)
-    if base.world_size > 1:
-        candidates += [({**overrides, "sharding": "ddp", "world_size": 1}, slowdown * REPLICATED_SPEEDUP)
-                       for overrides, slowdown in CANDIDATES if not overrides.get("cpu_offload")]
-    for overrides, slowdown in sorted(candidates, key=lambda candidate: candidate[1]):
-        plan = plan_memory(config, dataclasses.replace(base, **overrides))
-        if plan.fits(gpu_bytes):
-            return plan, slowdown
-    return None, math.inf
-
-
-def describe_options(opt: Options) -> str:
-    flags = [f"--optimizer {opt.optimizer}", f"--loss-chunk-tokens {opt.loss_chunk_tokens}"]
-    if opt.sharding == "ddp":
-        flags.insert(0, "--sharding ddp")
-    if opt.activation_checkpointing:
-        flags.append("--activation-checkpointing")
-        if opt.activation_checkpointing_every != 1:
-            flags.append(f"--activation-checkpointing-every {opt.activation_checkpointing_every}")
-    if opt.activation_offload:
-        flags.append("--activation-offload")
-    if opt.cpu_offload:
-        flags.append("--cpu-offload")
-    if not opt.reshard_after_forward:
-        flags.append("--no-reshard-after-forward")
-    return " ".join(flags)
-
-
-def format_plan(plan: Plan, gpu_bytes: int, title: str = "") -> str:
-    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
-    o = plan.options
-    lines = [title or "memory plan",
-             f"  world size {o.world_size}, context {o.context_length}, batch {o.batch_size}, LoRA r={o.lora_rank}",
-             f"  options: {describe_options(o)}", "  per GPU:"]
-    lines += [f"    {name:<18}{gib(value)}" for name, value in plan.parts.items()]
-    lines.append(f"    {'= peak allocated':<18}{gib(plan.peak)}")
-    lines.append(f"    {'+ overhead':<18}{gib(plan.needed() - plan.peak)}  (CUDA context, workspaces, "
-                 f"{FRAGMENTATION:.0%} fragmentation)")
-    verdict = "fits" if plan.fits(gpu_bytes) else "does NOT fit"
-    lines.append(f"    {'= needed':<18}{gib(plan.needed())}  -> {verdict} in {gpu_bytes / GIB:.1f} GiB")
-    if plan.host:
-        lines.append("  host memory per rank: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in plan.host.items()))
-    return "\n".join(lines)
-
-
-def gpu_bytes_for(cfg_gib: float, device=None) -> int:
-    if cfg_gib > 0:
-        return int(cfg_gib * GIB)
-    import torch
-
-    if device is not None and getattr(device, "type", None) == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    return 24 * GIB
-
-
-def advice(config: dict[str, Any], opt: Options, gpu_bytes: int) -> str:
-    plan, _ = auto_plan(config, opt, gpu_bytes)
-    if plan is None:
-        return "no combination of options fits: use more GPUs (--world-size) or a shorter --context-length/--batch-size"
-    return f"try: {describe_options(plan.options)} (predicted {plan.needed() / GIB:.1f} GiB per GPU)"
-
-
-def plan_train_config(cfg, world_size: int, nodes: int | None = None) -> tuple[dict[str, Any], Plan]:
-    """(model config, plan) of a TrainConfig on `world_size` ranks over `nodes` (None: from the
-    environment, as in a launch). Under HSDP a parameter is sharded over one node's ranks only,
-    so that is the planner's world; `plan.options.sharding` is the resolved layout."""
-    from fsdp_qlora.distributed.sharding import resolve_layout
-
-    environ = None if nodes is None else {"LOCAL_WORLD_SIZE": str(max(1, world_size // nodes))}
-    layout = resolve_layout(cfg.sharding, world_size, cfg.replicate_groups, environ)
-    config = load_model_config(cfg.model)
-    opt = dataclasses.replace(Options.from_train_config(cfg, layout.shard), sharding=layout.strategy)
-    return config, plan_memory(config, opt)
-
-
-def report_plan(cfg, world_size: int, nodes: int | None = None, auto: bool = False) -> int:
-    """Print the plan for a TrainConfig on `world_size` ranks (`train.py --plan`, tools/plan_memory.py);
-    with `auto`, also the cheapest options that fit. Returns an exit code (1: nothing fits)."""
-    config, plan = plan_train_config(cfg, world_size, nodes)
-    opt, gpu = plan.options, gpu_bytes_for(cfg.gpu_memory_gib)
-    print(format_plan(plan, gpu, f"memory plan for {cfg.model} ({opt.sharding}, {world_size} ranks)"))
-    if auto:
-        best, slowdown = auto_plan(config, opt, gpu)
-        if best is None:
-            print("auto: " + advice(config, opt, gpu))
-            return 1
-        print(format_plan(best, gpu, f"auto: cheapest fitting options (~{slowdown:.2f}x step time)"))
-    elif not plan.fits(gpu):
-        print("  " + advice(config, opt, gpu))
-    return 0
-
-
-def warn_if_plan_does_not_fit(cfg, model_dir, shard_ranks: int, device) -> None:
-    """Before loading weights on a GPU: warn, with the plan's advice, when the settings won't fit.
-    `shard_ranks`: the ranks one parameter is split over (the mesh's dp_shard size)."""
-    if getattr(device, "type", None) != "cuda" and cfg.gpu_memory_gib <= 0:
-        return  # CPU training: no GPU memory to plan for (pass --gpu-memory-gib to check one anyway)
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        opt = Options.from_train_config(cfg, shard_ranks)
-        gpu = gpu_bytes_for(cfg.gpu_memory_gib, device)
-        plan = plan_memory(config, opt)
-    except (KeyError, ValueError, OSError) as err:  # an architecture the planner does not model
-        print(f"warning: no memory plan for this model ({type(err).__name__}: {err})", flush=True)
-        return
-    if not plan.fits(gpu):
-        print(f"warning: these settings need about {plan.needed() / GIB:.1f} GiB per GPU, more than the "
-              f"{gpu / GIB:.1f} GiB available; {advice(config, opt, gpu)} (details: train.py --plan)", flush=True)

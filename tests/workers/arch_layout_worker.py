@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
-from fsdp_qlora.model.loader import build_qlora_model, install_adapter
 from fsdp_qlora.model.nf4 import NF4Tensor
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.structure import decoder_layers
-from fsdp_qlora.peft.export import load_peft_adapter
+from fsdp_qlora.peft.export import install_adapter, load_peft_adapter
+from fsdp_qlora.train.build import build_qlora_model
 from tests.oracles import QUANT_PARTS, tensor_digest
 
 IDS = torch.randint(4, 1000, (2, 12), generator=torch.Generator().manual_seed(0))

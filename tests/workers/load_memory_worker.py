@@ -19,8 +19,9 @@ from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
 from fsdp_qlora.metrics.system import peak_rss, reset_peak_rss
-from fsdp_qlora.model.loader import build_qlora_model, local_weight_bytes
-from fsdp_qlora.peft.lora import adapter_param_groups
+from fsdp_qlora.model.loader import local_weight_bytes
+from fsdp_qlora.peft.apply import adapter_param_groups
+from fsdp_qlora.train.build import build_qlora_model
 from fsdp_qlora.train.loss import token_loss_sum
 from fsdp_qlora.train.optim import build_optimizer
 

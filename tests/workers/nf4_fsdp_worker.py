@@ -12,11 +12,12 @@ argv: <safetensors file> <result dir>. Checks, on every rank:
 import sys
 from pathlib import Path
 
+import bitsandbytes.functional as bnbf
 import torch
 import torch.distributed as dist
-import bitsandbytes.functional as bnbf
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from fsdp_qlora.distributed.env import init_distributed, shutdown
@@ -24,7 +25,6 @@ from fsdp_qlora.distributed.sharding import build_mesh
 from fsdp_qlora.model.loader import load_base_weights, local_row_range
 from fsdp_qlora.model.nf4 import NF4Tensor
 from fsdp_qlora.model.quantized_linear import NF4Linear
-from torch.distributed.fsdp import fully_shard
 
 
 class Chain(nn.Module):

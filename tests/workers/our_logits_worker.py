@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from fsdp_qlora.config import TrainConfig, load_yaml_overrides
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
-from fsdp_qlora.model.loader import build_qlora_model, install_adapter
 from fsdp_qlora.model.sources import resolve_model
-from fsdp_qlora.peft.export import load_peft_adapter
+from fsdp_qlora.peft.export import install_adapter, load_peft_adapter
+from fsdp_qlora.train.build import build_qlora_model
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ from torch.distributed.tensor import DTensor
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
-from fsdp_qlora.model.loader import build_qlora_model
 from fsdp_qlora.model.nf4 import NF4Tensor
+from fsdp_qlora.train.build import build_qlora_model
 from fsdp_qlora.train.optim import build_optimizer
 
 

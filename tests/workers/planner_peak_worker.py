@@ -18,7 +18,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
-from fsdp_qlora.model.loader import build_qlora_model
+from fsdp_qlora.train.build import build_qlora_model
 from fsdp_qlora.train.loss import token_loss_sum
 from fsdp_qlora.train.optim import build_optimizer
 from fsdp_qlora.train.planner import Options, plan_memory
@@ -53,7 +53,7 @@ def main() -> None:
                           activation_checkpointing=checkpointing == "1", batch_size=int(batch),
                           context_length=int(context))
         tracked = tracked_peak(model_dir, cfg, env, mesh, int(batch), int(context))
-        planned = plan_memory(config, Options.from_train_config(cfg, env.world_size)).peak
+        planned = plan_memory(config, Options(cfg, env.world_size)).peak
         figures[case] = {"tracked": tracked, "planned": planned}
     if env.rank == 0:
         result.write_text(json.dumps(figures))

@@ -16,7 +16,7 @@ from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
 from fsdp_qlora.model.structure import decoder_layers
-from fsdp_qlora.model.loader import build_qlora_model
+from fsdp_qlora.train.build import build_qlora_model
 
 
 def observe(model_dir: Path, env, mesh) -> dict:

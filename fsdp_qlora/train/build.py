@@ -1,0 +1,66 @@
+"""Assemble the training model: transformers' class on meta, NF4 base, adapters, memory options,
+FSDP2 sharding, then the weights (each rank its rows), then DoRA's magnitudes.
+
+    check_model(model_dir, cfg)                     # from config.json alone, before data or weights
+    model = build_qlora_model(model_dir, cfg, env, mesh)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from fsdp_qlora.config import QUANTIZED_TRAIN_TYPES, TrainConfig
+from fsdp_qlora.distributed.env import DistEnv
+from fsdp_qlora.distributed.sharding import shard_model, shard_size
+from fsdp_qlora.model.loader import (
+    COMPUTE_DTYPE,
+    load_base_weights,
+    materialize_computed_buffers,
+    quantize_decoder_linears,
+)
+from fsdp_qlora.model.structure import decoder_layers, meta_model
+from fsdp_qlora.peft.apply import apply_lora, decoder_linear_names, init_lora_parameters
+from fsdp_qlora.peft.dora import init_dora_magnitudes
+from fsdp_qlora.peft.lora import LoRALinear
+from fsdp_qlora.peft.spec import AdapterSpec
+from fsdp_qlora.peft.targets import count_by_name, select_targets
+from fsdp_qlora.train.memory import apply_activation_memory_options, fsdp_options
+
+
+def check_model(model_dir: Path, cfg: TrainConfig) -> None:
+    """What can be refused from config.json alone, before data or weights: an architecture the
+    loader cannot handle, adapter targets that match nothing. Builds the model on meta (no memory)."""
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    model = meta_model(config, COMPUTE_DTYPE, cfg.trust_remote_code)
+    select_targets([name for name, _ in model.named_modules() if name], decoder_linear_names(model),
+                   AdapterSpec.from_config(cfg).target_modules)
+
+
+def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> nn.Module:
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    model = meta_model(config, COMPUTE_DTYPE, cfg.trust_remote_code)  # refuses what cannot load, in one line
+    materialize_computed_buffers(model, env.device)  # rotary frequencies, embedding scales: transformers' init
+    if cfg.train_type in QUANTIZED_TRAIN_TYPES:  # lora/dora: the base stays frozen bf16 nn.Linears, loaded by rows
+        quantize_decoder_linears(model, shard_count=shard_size(mesh))  # the dp_shard ranks (1 for ddp)
+    adapted = apply_lora(model, AdapterSpec.from_config(cfg))
+    if env.is_main:
+        print(f"adapters on {len(adapted)} modules: {count_by_name(adapted)}", flush=True)
+    _materialize_adapters(model, env.device, cfg.seed)
+    apply_activation_memory_options(decoder_layers(model), cfg)  # checkpointing / offload (train/memory.py)
+    shard_model(model, mesh, fsdp_options=fsdp_options(cfg))
+    load_base_weights(model, model_dir, env.device, cfg.load_workers)
+    init_dora_magnitudes(model)  # DoRA's m = row norms of the loaded base; each rank its own rows
+    return model
+
+
+def _materialize_adapters(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Adapters are tiny: build them in full on every rank from the same seed; FSDP2 then
+    keeps each rank's chunk. Every rank thus starts from identical adapter weights."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.materialize(device)
+    init_lora_parameters(model, seed)
