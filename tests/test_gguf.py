@@ -24,6 +24,13 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
     return message
 
 
+def _refusal(call, *args) -> str:
+    """The one-line ConfigError message of `call(*args)`."""
+    with pytest.raises(ConfigError) as err:
+        call(*args)
+    return _one_line(err)
+
+
 def _no_conversion(*args, **kwargs):
     raise AssertionError("convert_gguf must not run")
 
@@ -64,15 +71,11 @@ def test_non_gguf_file_is_one_clear_line(tmp_path, monkeypatch):
 def test_empty_and_truncated_files(tmp_path):
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
-    with pytest.raises(ConfigError) as err:
-        read_gguf_header(empty)
-    assert "is not a GGUF file (it starts with nothing (the file is empty)" in _one_line(err)
+    assert "is not a GGUF file (it starts with nothing (the file is empty)" in _refusal(read_gguf_header, empty)
 
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little") + (5).to_bytes(8, "little"))
-    with pytest.raises(ConfigError) as err:
-        read_gguf_header(truncated)
-    assert "is truncated or corrupt" in _one_line(err)
+    assert "is truncated or corrupt" in _refusal(read_gguf_header, truncated)
 
 
 def test_directory_with_two_gguf_files(tmp_path):
@@ -112,18 +115,14 @@ def test_what_counts_as_a_gguf_source(tmp_path):
 def test_gguf_that_is_not_a_loadable_model(tmp_path, monkeypatch, arch, kind, tensors, expected):
     path = _write_gguf(tmp_path / "m.gguf", arch, kind, tensors)
     monkeypatch.setattr(gguf_source, "convert_gguf", _no_conversion)
-    with pytest.raises(ConfigError) as err:
-        ensure_converted(path, tmp_path / "cache")
-    message = _one_line(err)
+    message = _refusal(ensure_converted, path, tmp_path / "cache")
     assert message.startswith(str(path)) and expected in message and ": pass" in message
 
 
 def test_split_gguf_is_refused(tmp_path):
     part = tmp_path / "m-00001-of-00003.gguf"
     part.write_bytes(b"GGUF")
-    with pytest.raises(ConfigError) as err:
-        validate_gguf(part)
-    assert "llama-gguf-split --merge" in _one_line(err)
+    assert "llama-gguf-split --merge" in _refusal(validate_gguf, part)
 
 
 def test_concurrent_callers_convert_once(tmp_path, monkeypatch):

@@ -211,13 +211,12 @@ class CheckpointManager:
 
     def _agreed_error(self, error: OSError | None) -> OSError | None:
         """Every rank learns whether any rank failed (the first failure's error; a barrier too)."""
-        failed = [error]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (error.errno, error.strerror, str(error)) if error else None)
-            first = next((g for g in gathered if g is not None), None)
-            failed = [error or (OSError(first[0], first[1]) if first else None)]
-        return failed[0]
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return error
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (error.errno, error.strerror) if error else None)
+        first = next((g for g in gathered if g is not None), None)
+        return error or (OSError(*first) if first else None)
 
     def _abandon(self, tmp: Path, step: int, error: OSError, tensor_bytes: int) -> None:
         """Remove what the failed save left and raise the one-line error on every rank."""

@@ -104,7 +104,8 @@ def checkpoint_key_to_param(model: nn.Module) -> dict[str, list[tuple[nn.Module,
     A module that wraps the checkpoint's module (an adapter around a linear) says so with a
     `checkpoint_child` attribute naming the child that holds the checkpoint's tensors: the name
     component is dropped (``q_proj.base.weight`` holds the checkpoint's ``q_proj.weight``)."""
-    wrapped = {f"{name}.{module.checkpoint_child}." for name, module in model.named_modules()
+    # "...q_proj.base." -> "...q_proj."
+    wrapped = {f"{name}.{module.checkpoint_child}.": f"{name}." for name, module in model.named_modules()
                if getattr(module, "checkpoint_child", None)}
     mapping: dict[str, list[tuple[nn.Module, str]]] = {}
     for module_name, module in model.named_modules():
@@ -112,10 +113,9 @@ def checkpoint_key_to_param(model: nn.Module) -> dict[str, list[tuple[nn.Module,
             full = f"{module_name}.{attr}" if module_name else attr
             if param.requires_grad:
                 continue  # adapters are ours, not the checkpoint's
-            for prefix in wrapped:
-                if full.startswith(prefix):
-                    child = prefix.rstrip(".").rpartition(".")[2]
-                    full = prefix[: -len(child) - 1] + full[len(prefix):]
+            for ours, theirs in wrapped.items():
+                if full.startswith(ours):
+                    full = theirs + full[len(ours):]
             mapping.setdefault(full, []).append((module, attr))
     return mapping
 

@@ -46,8 +46,9 @@ def train(cfg: TrainConfig) -> Path:
     try:
         check_device_options(cfg, env.device)  # e.g. --cpu-offload without a GPU: fail before any work
         run_dir = _prepare_run_dir(cfg, env)
-        if env.is_main and gguf_note(model_dir):
-            print(gguf_note(model_dir), flush=True)  # weights dequantized from a k-bit GGUF keep its error
+        note = gguf_note(model_dir) if env.is_main else None
+        if note:
+            print(note, flush=True)  # weights dequantized from a k-bit GGUF keep its error
         checkpoints = CheckpointManager(run_dir, env.rank, cfg.keep_last, cfg.async_save)
         resume_from = resolve_resume(cfg.resume, checkpoints)
         saved = read_trainer_state(resume_from) if resume_from else None

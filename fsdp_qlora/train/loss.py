@@ -54,7 +54,8 @@ def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module]:
-    """Run the (FSDP-wrapped) model with lm_head bypassed: (final-norm hidden states, lm_head)."""
+    """Run the (FSDP-wrapped) model with lm_head bypassed: (final-norm hidden states, lm_head).
+    A final logit soft-cap is switched off for the call (`logit_softcap` gives it to the loss)."""
     lm_head = model.get_output_embeddings()
     model.set_output_embeddings(nn.Identity())
     key = _softcap_key(model)
@@ -71,8 +72,9 @@ def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
 
 
 def logit_softcap(model: nn.Module) -> float | None:
+    """The final logit soft-cap the model's forward applies after lm_head (registry data), if any."""
     key = _softcap_key(model)
-    return getattr(model.config, key, None) if key else None
+    return getattr(model.config, key) if key else None
 
 
 def _softcap_key(model: nn.Module) -> str:
