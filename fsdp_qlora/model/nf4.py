@@ -41,8 +41,53 @@ from fsdp_qlora.layout import NESTED_BLOCKSIZE, NF4_BLOCKSIZE  # noqa: E402
 aten = torch.ops.aten
 
 
+class PackedNF4(torch.Tensor):
+    """What every packed NF4 parameter shares: uint8 bytes behind a wrapper tensor, inner tensors that
+    FSDP2, DTensor and nn.Parameter handle through the few aten ops below (`_DISPATCH`), and no
+    autograd through the tensor itself (the weight is frozen). `NF4Tensor` is one 2-D weight;
+    `NF4Experts` (model/nf4_experts.py) is a stack of them, one quantization unit per expert."""
 
-class NF4Tensor(torch.Tensor):
+    packed: torch.Tensor
+    absmax_q: torch.Tensor
+    nested_absmax: torch.Tensor
+    offset: torch.Tensor
+    compute_dtype: torch.dtype
+
+    @staticmethod
+    def __new__(cls, packed, absmax_q, nested_absmax, offset, compute_dtype, *args):
+        return torch.Tensor._make_wrapper_subclass(cls, packed.shape, dtype=torch.uint8, device=packed.device,
+                                                   requires_grad=False)
+
+    def __init__(self, packed, absmax_q, nested_absmax, offset, compute_dtype, *args):
+        self.packed = packed
+        self.absmax_q = absmax_q
+        self.nested_absmax = nested_absmax
+        self.offset = offset
+        self.compute_dtype = compute_dtype
+
+    def inner_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.packed, self.absmax_q, self.nested_absmax, self.offset
+
+    def _with_inner(self, fn) -> "PackedNF4":
+        raise NotImplementedError
+
+    def _flat_view(self) -> "PackedNF4":
+        """The same tensor with a flat `packed` (FSDP2's flat view of a sharded parameter)."""
+        raise NotImplementedError
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _DISPATCH.get(func)
+        if handler is None:
+            raise NotImplementedError(f"{cls.__name__} does not support {func}; dequantize() first")
+        return handler(*args, **kwargs)
+
+    # The weight is frozen: no autograd graph ever goes through it as a tensor.
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+class NF4Tensor(PackedNF4):
     """Packed NF4 weight, shape ``(rows, in_features // 2)`` uint8, with its quant constants.
 
     Inner tensors (all on the same device):
@@ -55,25 +100,10 @@ class NF4Tensor(torch.Tensor):
     every weight (the NF4 and dynamic code books) are not per-tensor data.
     """
 
-    packed: torch.Tensor
-    absmax_q: torch.Tensor
-    nested_absmax: torch.Tensor
-    offset: torch.Tensor
-    compute_dtype: torch.dtype
     first_block: int
 
-    @staticmethod
-    def __new__(cls, packed, absmax_q, nested_absmax, offset, compute_dtype, first_block=0):
-        return torch.Tensor._make_wrapper_subclass(
-            cls, packed.shape, dtype=torch.uint8, device=packed.device, requires_grad=False
-        )
-
     def __init__(self, packed, absmax_q, nested_absmax, offset, compute_dtype, first_block=0):
-        self.packed = packed
-        self.absmax_q = absmax_q
-        self.nested_absmax = nested_absmax
-        self.offset = offset
-        self.compute_dtype = compute_dtype
+        super().__init__(packed, absmax_q, nested_absmax, offset, compute_dtype)
         self.first_block = first_block
 
     # ---- geometry -------------------------------------------------------------------------
@@ -82,11 +112,12 @@ class NF4Tensor(torch.Tensor):
         rows, half_cols = self.packed.shape
         return torch.Size((rows, half_cols * 2))
 
-    def inner_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.packed, self.absmax_q, self.nested_absmax, self.offset
-
     def _with_inner(self, fn) -> "NF4Tensor":
         return NF4Tensor(*(fn(t) for t in self.inner_tensors()), self.compute_dtype, self.first_block)
+
+    def _flat_view(self) -> "NF4Tensor":
+        return NF4Tensor(self.packed.view(-1), self.absmax_q, self.nested_absmax, self.offset, self.compute_dtype,
+                         self.first_block)
 
     def __repr__(self) -> str:
         return (
@@ -148,44 +179,32 @@ class NF4Tensor(torch.Tensor):
         absmax_q = all_gather_outputs[1] if local_absmax_q is None else local_absmax_q
         return NF4Tensor(packed, absmax_q, nested_absmax, offset, compute_dtype), tuple(all_gather_outputs)
 
-    # ---- the few aten ops FSDP2, DTensor and nn.Parameter apply to a parameter ------------
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        handler = _DISPATCH.get(func)
-        if handler is None:
-            raise NotImplementedError(f"NF4Tensor does not support {func}; dequantize() first")
-        return handler(*args, **kwargs)
 
-    # The weight is frozen: no autograd graph ever goes through it as a tensor.
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-
-def _same_shape(size, tensor: NF4Tensor) -> bool:
+# ---- the few aten ops FSDP2, DTensor and nn.Parameter apply to a parameter ----------------
+def _same_shape(size, tensor: PackedNF4) -> bool:
     return list(size) == list(tensor.shape)
 
 
-def _view(tensor: NF4Tensor, size) -> Any:
+def _view(tensor: PackedNF4, size) -> Any:
     if _same_shape(size, tensor):
         return tensor._with_inner(lambda t: t)
     if list(size) == [-1]:
         # FSDP2 keeps a flat view of every sharded parameter; for extension tensors it is
-        # never read. It must stay an NF4Tensor: FSDP2 compares storages of plain tensors,
+        # never read. It must stay a wrapper: FSDP2 compares storages of plain tensors,
         # and a wrapper subclass has none.
-        return NF4Tensor(tensor.packed.view(-1), tensor.absmax_q, tensor.nested_absmax, tensor.offset,
-                         tensor.compute_dtype, tensor.first_block)
-    raise NotImplementedError(f"NF4Tensor cannot be viewed as {list(size)}")
+        return tensor._flat_view()
+    raise NotImplementedError(f"{type(tensor).__name__} cannot be viewed as {list(size)}")
 
 
-def _as_strided(tensor: NF4Tensor, size, stride, storage_offset=0) -> NF4Tensor:
+def _as_strided(tensor: PackedNF4, size, stride, storage_offset=0) -> PackedNF4:
     if not _same_shape(size, tensor) or storage_offset != 0:
-        raise NotImplementedError("NF4Tensor supports only the identity as_strided")
+        raise NotImplementedError(f"{type(tensor).__name__} supports only the identity as_strided")
     return tensor._with_inner(lambda t: t)
 
 
-def _to_copy(tensor: NF4Tensor, dtype=None, device=None, **kwargs) -> NF4Tensor:
+def _to_copy(tensor: PackedNF4, dtype=None, device=None, **kwargs) -> PackedNF4:
     if dtype not in (None, torch.uint8):
-        raise NotImplementedError("cast an NF4Tensor with dequantize(dtype), not .to(dtype)")
+        raise NotImplementedError("cast an NF4 weight with dequantize(dtype), not .to(dtype)")
     pin = kwargs.get("pin_memory", False)
     return tensor._with_inner(
         lambda t: t.to(device=device, non_blocking=kwargs.get("non_blocking", False))
@@ -194,19 +213,17 @@ def _to_copy(tensor: NF4Tensor, dtype=None, device=None, **kwargs) -> NF4Tensor:
     )
 
 
-def _copy_(dst: NF4Tensor, src: NF4Tensor, non_blocking=False) -> NF4Tensor:
-    if not isinstance(src, NF4Tensor):
-        raise NotImplementedError("NF4Tensor can only be copied from another NF4Tensor")
+def _copy_(dst: PackedNF4, src: PackedNF4, non_blocking=False) -> PackedNF4:
+    if type(src) is not type(dst):
+        raise NotImplementedError(f"{type(dst).__name__} can only be copied from another {type(dst).__name__}")
     for d, s in zip(dst.inner_tensors(), src.inner_tensors()):
         d.copy_(s, non_blocking=non_blocking)
     return dst
 
 
-def _new_zeros(tensor: NF4Tensor, size, **kwargs) -> torch.Tensor:
+def _new_zeros(tensor: PackedNF4, size, **kwargs) -> torch.Tensor:
     # Only FSDP padding for uneven shards asks this; we require even sharding instead.
-    raise NotImplementedError(
-        f"NF4 weight of shape {tuple(tensor.weight_shape)} must shard evenly over the ranks"
-    )
+    raise NotImplementedError(f"NF4 weight of shape {tuple(tensor.shape)} must shard evenly over the ranks")
 
 
 _DISPATCH = {
@@ -290,6 +307,6 @@ def nf4_row_shard(weight: NF4Tensor, start: int, stop: int) -> NF4Tensor:
                      weight.offset, weight.compute_dtype, first)
 
 
-def nf4_bytes(tensor: NF4Tensor) -> int:
+def nf4_bytes(tensor: PackedNF4) -> int:
     """Bytes actually held by the weight and its constants."""
     return sum(t.numel() * t.element_size() for t in tensor.inner_tensors())
