@@ -96,6 +96,10 @@ class TrainConfig:
                                           "a name that matches nothing is an error", on_resume=SAME_SHAPE)
     lora_target_regex: str = _opt("", "regex the full module name must match (e.g. 'model\\.layers\\.\\d+\\.mlp\\..*_proj'); "
                                   "replaces --lora-target-modules when set", on_resume=SAME_SHAPE)
+    lora_target_parameters: list[str] = _opt([], "mixture-of-experts weights that get LoRA (PEFT's target_parameters): "
+                                             "names matched against the end of '<module>.<weight>', e.g. "
+                                             "experts.down_proj; all-linear already adapts every expert weight "
+                                             "(LoRA only: PEFT has no DoRA on experts)", on_resume=SAME_SHAPE)
     lora_rank_pattern: list[str] = _opt([], "per-module rank overrides PATTERN=R, PATTERN a regex matching the end of "
                                        "the module name (PEFT's rank_pattern), e.g. down_proj=16", on_resume=SAME_SHAPE)
     lora_alpha_pattern: list[str] = _opt([], "per-module alpha overrides PATTERN=ALPHA (PEFT's alpha_pattern)")

@@ -56,3 +56,41 @@ def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         return model(input_ids=input_ids).logits.float().detach()
 
+
+
+def bnb_moe_reference(model_dir: Path):
+    """The MoE oracle: transformers' own class with its other linears in bitsandbytes 4-bit (as
+    `bnb_4bit_model`; routers excluded, as we keep them), computing experts with transformers' eager
+    loop, and each expert's 2-D weight replaced by bitsandbytes' ``dequantize_4bit(quantize_4bit(w))``
+    (NF4, double quantization): what a bitsandbytes user would get if bitsandbytes quantized experts.
+    Returns (model, digests of every expert's NF4 bytes keyed as arch_layout_worker keys ours)."""
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    from fsdp_qlora.model.experts import expert_params
+    from fsdp_qlora.model.registry import router_modules
+    from fsdp_qlora.model.structure import decoder_layers
+
+    model_type = AutoConfig.from_pretrained(model_dir).model_type
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16,
+                                llm_int8_skip_modules=["lm_head", *router_modules(model_type)])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.bfloat16,
+                                                 experts_implementation="eager").eval()
+    digests = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, module in layer.named_modules():
+            for param in expert_params(module):
+                weights = getattr(module, param)
+                assert weights.dtype == torch.bfloat16, "bitsandbytes left the experts in bf16"
+                with torch.no_grad():
+                    for expert in range(weights.shape[0]):
+                        packed, state = bnbf.quantize_4bit(weights[expert].contiguous(), blocksize=64,
+                                                           compress_statistics=True, quant_type="nf4")
+                        dense = bnbf.dequantize_4bit(packed, state)
+                        key = f"layers.{index}.{name}.{param}.{expert}"
+                        parts = (packed, state.absmax, state.state2.absmax, state.offset, dense)
+                        digests.update({f"{key}.{part}": tensor_digest(t)
+                                        for part, t in zip((*QUANT_PARTS, "dequantized"), parts)})
+                        weights[expert].copy_(dense)
+    return model, digests

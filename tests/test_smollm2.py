@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.architectures import IDS, layout_outputs
 from tests.conftest import REPO, run_python, run_torchrun, subprocess_env
 from tests.oracles import bnb_4bit_model, bnb_nf4_digests, logits_of
-from tests.test_architectures import IDS, layout_outputs
 
 CHATS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"},

@@ -21,9 +21,13 @@ from torch.distributed.tensor import DTensor, Shard
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.layout import NF4_BLOCKSIZE, row_range
+from fsdp_qlora.model.expert_layout import CheckpointLayout, checkpoint_layout
+from fsdp_qlora.model.experts import expert_params, expert_shapes, quantize_experts
 from fsdp_qlora.model.host_memory import large_allocations_via_mmap
-from fsdp_qlora.model.nf4 import NF4Tensor, nf4_bytes, quantize_nf4_rows
+from fsdp_qlora.model.nf4 import PackedNF4, nf4_bytes, quantize_nf4_rows
+from fsdp_qlora.model.nf4_experts import empty_nf4_experts, set_expert
 from fsdp_qlora.model.quantized_linear import NF4Linear
+from fsdp_qlora.model.registry import is_router
 from fsdp_qlora.model.shard_reader import RowRange, RowReader, read_ahead, read_index
 from fsdp_qlora.model.sources import safetensors_files
 from fsdp_qlora.model.structure import decoder_layers
@@ -66,18 +70,23 @@ def materialize_computed_buffers(model: nn.Module, device: torch.device) -> None
 
 
 def quantize_decoder_linears(model: nn.Module, shard_count: int) -> list[str]:
-    """Swap every bias-free nn.Linear of the decoder layers for an NF4Linear (on meta).
+    """Swap every nn.Linear of the decoder layers for an NF4Linear, and every experts module's fused
+    weights for NF4 placeholders (on meta).
 
-    All block linears are quantized (as in QLoRA), whether or not they get an adapter;
-    embeddings, norms and lm_head stay in the compute dtype.
+    All block linears and experts are quantized (as in QLoRA), whether or not they get an adapter;
+    embeddings, norms, lm_head, routers (2-D parameters of the router modules) and the linears the
+    registry names as routers (Qwen2-MoE's shared_expert_gate) stay in the compute dtype.
     """
     layers = decoder_layers(model)
     replaced = []
     for layer_name, layer in layers.named_children():
         for name, module in list(layer.named_modules()):
-            if not isinstance(module, nn.Linear):
-                continue
             full_name = f"layers.{layer_name}.{name}"
+            if expert_params(module):
+                quantize_experts(full_name, module, shard_count)
+                replaced.append(full_name)
+            if not isinstance(module, nn.Linear) or is_router(model.config.model_type, name):
+                continue
             _check_quantizable(full_name, module, shard_count)
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
@@ -141,21 +150,75 @@ def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
     """Install this rank's rows of every checkpoint tensor, read by `workers` threads.
 
     The checkpoint's tensor names and shapes are checked against the model first, from the
-    safetensors headers alone, so a mismatch is reported before any weight is read."""
+    safetensors headers alone, so a mismatch is reported before any weight is read. Experts come
+    from whatever layout the checkpoint stores them in (model/expert_layout.py), a rank reading only
+    the experts it owns, one expert at a time."""
     targets = checkpoint_key_to_param(model)
-    index = {name: entry for file in safetensors_files(model_dir) for name, entry in read_index(file).items()}
-    missing = sorted(set(targets) - set(index) - _tied_keys(model, targets, index))
+    layout = checkpoint_layout_of(model, model_dir, targets)
+    present = set(layout.plain) | set(layout.experts)
+    missing = sorted(set(targets) - present - _tied_keys(model, targets, present))
     if missing:
         raise ConfigError(f"{model_dir} lacks weights for {', '.join(missing[:5])}"
                           f"{' ...' if len(missing) > 5 else ''}: the checkpoint does not match its config.json")
-    ranges = [_local_rows(entry, targets[name][0]) for name, entry in index.items()
-              if name in targets]  # skips e.g. rotary caches some checkpoints carry
+    jobs = [(_local_rows(entry, targets[name][0]), name) for name, entry in layout.plain.items()
+            if name in targets]  # skips e.g. rotary caches some checkpoints carry
+    stacks = {name: _LocalExperts(name, targets[name], pieces, device) for name, pieces in layout.experts.items()}
+    jobs += [(piece.source, (stack, piece)) for stack in stacks.values() for piece in stack.local_pieces]
     with large_allocations_via_mmap(), RowReader(workers) as reader:
-        for rows, local_rows in read_ahead(ranges, reader, READ_AHEAD_BYTES):
-            for module, attr in targets[rows.entry.name]:
-                _install_local_rows(module, attr, rows, local_rows, device)
-    _tie_missing(model, targets, set(index))
+        for (rows, local_rows), (_, job) in zip(read_ahead([rows for rows, _ in jobs], reader, READ_AHEAD_BYTES), jobs):
+            if isinstance(job, str):
+                for module, attr in targets[job]:
+                    _install_local_rows(module, attr, rows, local_rows, device)
+            else:
+                stack, piece = job
+                stack.add(piece, local_rows)
+    for stack in stacks.values():
+        stack.install()
+    _tie_missing(model, targets, present)
     _check_all_loaded(model)
+
+
+class _LocalExperts:
+    """One fused expert parameter being filled on this rank: the experts it owns, each installed (and
+    quantized, for NF4) as soon as all its parts are read, so no more than one expert is held in
+    bf16 beyond the read-ahead."""
+
+    def __init__(self, name: str, holders: list[tuple[nn.Module, str]], pieces, device: torch.device):
+        self.holders = holders
+        module, attr = holders[0]
+        param = getattr(module, attr)
+        assert isinstance(param, DTensor), "load_base_weights expects an FSDP2-sharded model"
+        self.param = param
+        experts, rows, cols = expert_shapes(module)[attr]
+        self.start, self.stop = local_row_range(experts, param.device_mesh, param.placements)
+        self.local_pieces = [piece for piece in pieces if self.start <= piece.expert < self.stop]
+        self.parts = 1 + max(piece.part for piece in pieces)
+        self.quantized = param.dtype == torch.uint8
+        local = self.stop - self.start
+        self.local = (empty_nf4_experts(local, rows, cols, device, COMPUTE_DTYPE) if self.quantized
+                      else torch.empty(local, rows, cols, dtype=param.dtype, device=device))
+        self.pending: dict[int, dict[int, torch.Tensor]] = {}
+
+    def add(self, piece, rows: torch.Tensor) -> None:
+        parts = self.pending.setdefault(piece.expert, {})
+        parts[piece.part] = rows.reshape(-1, rows.shape[-1])  # a fused tensor's slice is (1, a, b)
+        if len(parts) < self.parts:
+            return
+        weight = torch.cat([parts[part] for part in range(self.parts)]).to(self.local.device)
+        del self.pending[piece.expert]
+        slot = piece.expert - self.start
+        if self.quantized:
+            set_expert(self.local, slot, weight.to(COMPUTE_DTYPE))
+        else:
+            self.local[slot].copy_(weight)
+
+    def install(self) -> None:
+        assert not self.pending, "an expert's parts were not all read"
+        param = self.param
+        sharded = DTensor.from_local(self.local, param.device_mesh, param.placements, run_check=False,
+                                     shape=param.shape, stride=param.stride())
+        for module, attr in self.holders:
+            setattr(module, attr, nn.Parameter(sharded, requires_grad=False))
 
 
 def local_weight_bytes(model: nn.Module) -> int:
@@ -163,8 +226,19 @@ def local_weight_bytes(model: nn.Module) -> int:
     total = 0
     for param in model.parameters():
         local = param.to_local() if isinstance(param, DTensor) else param
-        total += nf4_bytes(local) if isinstance(local, NF4Tensor) else local.numel() * local.element_size()
+        total += nf4_bytes(local) if isinstance(local, PackedNF4) else local.numel() * local.element_size()
     return total
+
+
+def checkpoint_layout_of(model: nn.Module, model_dir: Path, targets=None) -> CheckpointLayout:
+    """Where the checkpoint in `model_dir` holds each of the model's tensors, from the headers alone
+    (raises ConfigError, one line, for experts that disagree with config.json)."""
+    targets = targets or checkpoint_key_to_param(model)
+    index = {name: entry for file in safetensors_files(model_dir) for name, entry in read_index(file).items()}
+    fused = {key: expert_shapes(module)[attr] for key, [(module, attr), *_] in targets.items()
+             if attr in expert_shapes(module)}
+    model_type = getattr(getattr(model, "config", None), "model_type", "")  # "" for a bare module (tests)
+    return checkpoint_layout(model_type, index, fused)
 
 
 def _local_rows(entry, holder: tuple[nn.Module, str]) -> RowRange:

@@ -26,6 +26,12 @@ class Architecture:
     # config.json key of a final logit soft-cap (``cap * tanh(logits / cap)`` after lm_head), which
     # the chunked loss must apply to each chunk of logits itself (Gemma 2 and 3).
     logit_softcap_key: str = ""
+    # Linears that route tokens (a gate's weight, not a projection): kept in the compute dtype, never
+    # quantized, and without an adapter unless named explicitly. Routers that are not nn.Linear
+    # (Mixtral's MixtralTopKRouter, ...) are neither quantized nor part of all-linear anyway.
+    router_modules: tuple[str, ...] = ()
+    # Mixture of experts: the experts' fused 3-D weights are NF4 and may take adapters (model/experts.py).
+    moe: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -43,7 +49,25 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phi3": Architecture("fused projections: qkv_proj and gate_up_proj (Phi-3, Phi-3.5, Phi-4)"),
     "starcoder2": Architecture("MLP c_fc/c_proj with biases, biases on every attention projection, LayerNorm"),
     "olmo2": Architecture("q_norm/k_norm over the whole projection, norms after attention and MLP"),
+    "mixtral": Architecture("mixture of experts: a router and fused experts (checkpoints: block_sparse_moe."
+                            "experts.N.w1/w2/w3) in place of the MLP; sliding-window attention", moe=True),
+    "qwen2_moe": Architecture("mixture of experts plus a shared expert (an ordinary MLP) scaled by "
+                              "shared_expert_gate (a 1-output linear: a router); q/k/v biases",
+                              router_modules=("shared_expert_gate",), moe=True),
+    "qwen3_moe": Architecture("mixture of experts (many small experts, top-8) with q_norm/k_norm", moe=True),
+    "olmoe": Architecture("mixture of experts (64 experts, top-8) with q_norm/k_norm over the whole projection",
+                          moe=True),
+    "gpt_oss": Architecture("mixture of experts stored transposed with biases, gate/up interleaved, a clamped "
+                            "SwiGLU; a biased router; attention sinks and biases; alternating sliding windows "
+                            "(hub checkpoints hold the experts in MXFP4: load a bf16 copy)", moe=True),
 }
+
+
+def is_router(model_type: str, module_name: str) -> bool:
+    """Whether the linear `module_name` (qualified or not) routes tokens in this architecture: it then
+    stays in the compute dtype and gets no adapter under all-linear (quantizer, adapters, planner)."""
+    arch = ARCHITECTURES.get(model_type)
+    return bool(arch) and module_name.rsplit(".", 1)[-1] in arch.router_modules
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,16 @@ _LLAMA2_70B = _config("llama", 8192, 28672, 80, 64, 8, 32000)
 _LLAMA3_8B = _config("llama", 4096, 14336, 32, 32, 8, 128256)
 _LLAMA3_70B = _config("llama", 8192, 28672, 80, 64, 8, 128256)
 _GEMMA2 = {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "sliding_window": 4096}
+# Mixture of experts: the experts' count is `num_local_experts` (Mixtral, gpt-oss) or `num_experts`
+# (Qwen-MoE, OLMoE), their intermediate size `moe_intermediate_size` where it is not intermediate_size.
+_MIXTRAL_8X7B = _config("mixtral", 4096, 14336, 32, 32, 8, 32000, num_local_experts=8, num_experts_per_tok=2)
+_QWEN3_30B_A3B = _config("qwen3_moe", 2048, 6144, 48, 32, 4, 151936, head_dim=128, num_experts=128,
+                         num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[])
+_OLMOE_1B_7B = _config("olmoe", 2048, 1024, 16, 16, 16, 50304, num_experts=64, num_experts_per_tok=8)
+# openai/gpt-oss-20b's config.json; that checkpoint holds its experts in MXFP4, which the loader refuses
+# (it quantizes experts from bf16), so the alias downloads a bf16 copy of the same weights.
+_GPT_OSS_20B = _config("gpt_oss", 2880, 2880, 24, 64, 8, 201088, head_dim=64, num_local_experts=32,
+                       num_experts_per_tok=4, sliding_window=128)
 
 MODELS: dict[str, ModelSpec] = {
     # Random-init model with the project's own tokenizer: trains in seconds on CPU (model/tiny_llama.py).
@@ -131,6 +165,10 @@ MODELS: dict[str, ModelSpec] = {
     "phi-3-mini": ModelSpec("microsoft/Phi-3-mini-4k-instruct", _config("phi3", 3072, 8192, 32, 32, 32, 32064),
                             _MID_MODEL),
     "phi-4": ModelSpec("microsoft/phi-4", _config("phi3", 5120, 17920, 40, 40, 10, 100352), _MID_MODEL),
+    "mixtral-8x7b": ModelSpec("mistralai/Mixtral-8x7B-v0.1", _MIXTRAL_8X7B, _BIG_MODEL),
+    "qwen3-30b-a3b": ModelSpec("Qwen/Qwen3-30B-A3B", _QWEN3_30B_A3B, _BIG_MODEL),
+    "olmoe-1b-7b": ModelSpec("allenai/OLMoE-1B-7B-0924", _OLMOE_1B_7B, _MID_MODEL),
+    "gpt-oss-20b": ModelSpec("unsloth/gpt-oss-20b-BF16", _GPT_OSS_20B, _BIG_MODEL),
 }
 
 
@@ -143,6 +181,15 @@ def alias_config(model: str) -> dict[str, Any] | None:
     """The config.json values of an alias (a copy), or None for a name that is not one with a config."""
     spec = MODELS.get(model)
     return dict(spec.config) if spec and spec.config else None
+
+
+def _intermediate_summary(config: dict[str, Any]) -> str:
+    """The MLP's intermediate size, or for a mixture of experts how many experts of which size (top-k)."""
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if not experts:
+        return str(config["intermediate_size"])
+    size = config.get("moe_intermediate_size") or config["intermediate_size"]
+    return f"{experts} experts of {size}, top-{config['num_experts_per_tok']}"
 
 
 def architecture(model_type: str) -> Architecture | None:
@@ -179,9 +226,15 @@ def models_reference_markdown() -> str:
         lines.append(f"| `{model_type}` | {arch.differs} | {cap} |")
     lines += [
         "",
+        "The mixture-of-experts rows are tested by `tests/test_moe.py` instead, on tiny checkpoints with 4 experts:",
+        "NF4 experts (one quantization unit per expert) byte-equal to bitsandbytes' `quantize_4bit` of each",
+        "expert, logits against transformers' eager experts loop, 2-rank FSDP (each rank holding whole experts)",
+        "and `--sharding ddp`, and PEFT (`target_parameters`) reproducing our logits from the exported adapter.",
+        "There `all-linear` adapts every expert weight and every `nn.Linear` but the routers, which stay bf16.",
+        "",
         "Another decoder-only `model_type` loads the same way, with a warning that it is untested. Refused in one",
-        "line before any weight loads: a model transformers has no causal-LM class for, and mixture-of-experts",
-        "models (fused 3-D expert weights; not quantized or adapted by this version).",
+        "line before any weight loads: a model transformers has no causal-LM class for, and an experts class",
+        "whose layout the experts forward does not implement (model/experts.py).",
         "",
         "## Aliases",
         "",
@@ -193,7 +246,7 @@ def models_reference_markdown() -> str:
     ]
     for alias, spec in MODELS.items():
         c = spec.config
-        shape = (f"{c['num_hidden_layers']} x {c['hidden_size']} ({c['intermediate_size']}), "
+        shape = (f"{c['num_hidden_layers']} x {c['hidden_size']} ({_intermediate_summary(c)}), "
                  f"{c['num_attention_heads']} / {c['num_key_value_heads']}, {c['vocab_size']}"
                  + (", tied" if c.get("tie_word_embeddings") else "")) if c else "generated (model/tiny_llama.py)"
         recommended = ", ".join(f"{k}={v}" for k, v in spec.recommended.items())

@@ -8,11 +8,17 @@ import torch
 from torch import nn
 
 from fsdp_qlora.errors import ConfigError
+from fsdp_qlora.model.experts import expert_shapes, experts_modules
+from fsdp_qlora.model.registry import is_router
 from fsdp_qlora.model.structure import decoder_layers
 from fsdp_qlora.peft.dora import DoRALinear
+from fsdp_qlora.peft.experts_lora import ExpertLoRA, LoRAExperts
 from fsdp_qlora.peft.lora import LoRALinear, pattern_value
 from fsdp_qlora.peft.spec import AdapterSpec
-from fsdp_qlora.peft.targets import select_targets
+from fsdp_qlora.peft.targets import select_expert_targets, select_targets
+
+# The modules holding trainable adapter factors: built on meta, materialized and initialized alike.
+ADAPTER_LAYERS = (LoRALinear, ExpertLoRA)
 
 
 def apply_lora(model: nn.Module, spec: AdapterSpec, dtype: torch.dtype = torch.float32) -> list[str]:
@@ -45,7 +51,23 @@ def apply_lora(model: nn.Module, spec: AdapterSpec, dtype: torch.dtype = torch.f
                          use_rslora=spec.use_rslora)
         lora.train(module.training)  # a new module starts in training mode: keep the model's mode
         setattr(parent, child_name, lora)
-    return [name for name, _ in matched]
+    return [name for name, _ in matched] + _apply_expert_lora(model, spec, dtype)
+
+
+def _apply_expert_lora(model: nn.Module, spec: AdapterSpec, dtype: torch.dtype) -> list[str]:
+    """Wrap the experts modules whose fused weights `spec` targets in a `LoRAExperts`; returns the
+    qualified names of the adapted weights (``...mlp.experts.gate_up_proj``)."""
+    weights = [f"{name}.{param}" for name, module in experts_modules(model) for param in expert_shapes(module)]
+    chosen = select_expert_targets(weights, spec.target_modules, list(spec.target_parameters), spec.use_dora)
+    for name, module in experts_modules(model):
+        params = [param for param in expert_shapes(module) if f"{name}.{param}" in chosen]
+        if not params:
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        wrapper = LoRAExperts(module, params, spec.r, spec.alpha, dtype, spec.use_rslora)
+        wrapper.train(module.training)
+        setattr(model.get_submodule(parent_name), child_name, wrapper)
+    return chosen
 
 
 def init_lora_parameters(model: nn.Module, seed: int) -> None:
@@ -56,7 +78,7 @@ def init_lora_parameters(model: nn.Module, seed: int) -> None:
     """
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, ADAPTER_LAYERS):
             module.reset_lora_parameters(generator)
 
 
@@ -74,14 +96,15 @@ def adapter_param_groups(model: nn.Module, loraplus_lr_ratio: float, lr: float) 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
     """Qualified names of the linear layers (nn.Linear or NF4Linear: anything with in/out features)
-    inside the model's decoder layers, in module order, adapters' own linears excluded; [] for a
-    model without decoder layers."""
+    inside the model's decoder layers, in module order, adapters' own linears and the architecture's
+    router linears excluded; [] for a model without decoder layers."""
     try:
         layers = decoder_layers(model)
     except ValueError:
         return []
     prefix = next(name for name, module in model.named_modules() if module is layers)
-    adapted = [name + "." for name, module in layers.named_modules() if isinstance(module, LoRALinear)]
+    adapted = [name + "." for name, module in layers.named_modules() if isinstance(module, (LoRALinear, LoRAExperts))]
     return [f"{prefix}.{name}" for name, module in layers.named_modules()
             if name and hasattr(module, "in_features") and hasattr(module, "out_features")
-            and not isinstance(module, LoRALinear) and not name.startswith(tuple(adapted))]
+            and not isinstance(module, ADAPTER_LAYERS) and not name.startswith(tuple(adapted))
+            and not is_router(model.config.model_type, name)]

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fsdp_qlora.peft.experts_lora import EXPERT_LORA
 from fsdp_qlora.peft.lora import copy_full_into
 from fsdp_qlora.peft.spec import AdapterSpec
 from fsdp_qlora.peft.targets import is_all_linear, linear_names
@@ -38,42 +39,80 @@ DORA_MAGNITUDE = "lora_magnitude_vector"  # a Parameter of its module, saved wit
 PEFT_KEY_PREFIX = "base_model.model."
 
 
-def adapter_state_dict(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Pick the LoRA A/B weights (and DoRA magnitudes) out of `named_tensors`, renamed to PEFT's keys.
+def peft_keys(names: list[str]) -> dict[str, str]:
+    """Our adapter tensor names -> PEFT's keys, for the LoRA A/B weights (and DoRA magnitudes) among `names`.
 
     ``_orig_mod.model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.lora_A.weight`` becomes
     ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (PEFT saves without the
-    adapter name). The `base.` inside our wrapper never appears: only A/B are kept.
+    adapter name); the `base.` inside our wrappers never appears, only A/B are kept. Expert adapters
+    (``mlp.experts.expert_lora.gate_up_proj.lora_A.weight``, peft/experts_lora.py) take the key of
+    PEFT's ParamWrapper, which nests one wrapper per adapted weight of a module, the module's first
+    adapted weight innermost: with gate_up_proj and down_proj adapted, gate_up_proj's factors are
+    ``mlp.experts.base_layer.lora_A.weight`` and down_proj's ``mlp.experts.lora_A.weight``.
     """
-    result: dict[str, torch.Tensor] = {}
-    for name, tensor in named_tensors.items():
-        parts = [part for part in name.split(".") if part not in _WRAPPER_COMPONENTS]
+    parts_of = {name: [part for part in name.split(".") if part not in _WRAPPER_COMPONENTS] for name in names}
+    adapted_weights: dict[str, list[str]] = {}  # experts module -> its adapted weights, in order
+    for parts in parts_of.values():
+        if len(parts) >= 5 and parts[-4] == EXPERT_LORA:
+            module, weight = ".".join(parts[:-4]), parts[-3]
+            if weight not in adapted_weights.setdefault(module, []):
+                adapted_weights[module].append(weight)
+    keys: dict[str, str] = {}
+    for name, parts in parts_of.items():
         is_lora = len(parts) >= 3 and parts[-2] in _LORA_WEIGHTS and parts[-1] == "weight"
-        if not (is_lora or (len(parts) >= 2 and parts[-1] == DORA_MAGNITUDE)):
+        if len(parts) >= 5 and parts[-4] == EXPERT_LORA and is_lora:
+            module, weight = ".".join(parts[:-4]), parts[-3]
+            order = adapted_weights[module]
+            parts = [*parts[:-4], *["base_layer"] * (len(order) - 1 - order.index(weight)), *parts[-2:]]
+        elif not (is_lora or (len(parts) >= 2 and parts[-1] == DORA_MAGNITUDE)):
             continue
-        key = PEFT_KEY_PREFIX + ".".join(parts)
+        keys[name] = PEFT_KEY_PREFIX + ".".join(parts)
+    return keys
+
+
+def adapter_state_dict(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pick the adapter tensors out of `named_tensors`, renamed to PEFT's keys (`peft_keys`)."""
+    result: dict[str, torch.Tensor] = {}
+    for name, key in peft_keys(list(named_tensors)).items():
         if key in result:
             raise ValueError(f"two tensors map to the PEFT key {key} (the second is {name})")
-        result[key] = tensor
+        result[key] = named_tensors[name]
     if not result:
         raise ValueError(f"no lora_A/lora_B weights among {len(named_tensors)} tensors; "
                          f"first names: {list(named_tensors)[:5]}")
     return result
 
 
+def expert_target_parameters(named_tensors: list[str]) -> list[str]:
+    """PEFT's `target_parameters` for the expert adapters among our tensor names: ``experts.gate_up_proj``
+    (the experts module's last name component and the weight), sorted."""
+    found = set()
+    for name in named_tensors:
+        parts = [part for part in name.split(".") if part not in _WRAPPER_COMPONENTS]
+        if len(parts) >= 5 and parts[-4] == EXPERT_LORA:
+            found.add(f"{parts[-5]}.{parts[-3]}")
+    return sorted(found)
+
+
 def adapted_modules(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """The qualified names (in the HF model) of the modules a PEFT-keyed adapter touches."""
-    return sorted({key.removeprefix(PEFT_KEY_PREFIX).rsplit(".lora_", 1)[0] for key in state_dict})
+    """The qualified names (in the HF model) of the modules a PEFT-keyed adapter touches (an experts
+    module once, without PEFT's `base_layer` nesting)."""
+    return sorted({key.removeprefix(PEFT_KEY_PREFIX).rsplit(".lora_", 1)[0].replace(".base_layer", "")
+                   for key in state_dict})
 
 
-def peft_adapter_config(spec: AdapterSpec, base_model_name_or_path: str, target_modules: list[str]) -> dict:
+def peft_adapter_config(spec: AdapterSpec, base_model_name_or_path: str, target_modules: list[str],
+                        target_parameters: list[str] = ()) -> dict:
     """The `adapter_config.json` content PEFT writes for LoRA/DoRA on a causal LM.
 
     Only fields PEFT has had since 0.10 are written, so older PEFT versions load it too; newer
     fields take their defaults, which are all "off". `target_modules` is always a list (never
-    PEFT's regex form): vLLM and other loaders need the names.
+    PEFT's regex form): vLLM and other loaders need the names. Adapters on expert weights add
+    `target_parameters` (PEFT >= 0.17), and then `lora_dropout` is 0: PEFT refuses dropout with
+    parameter adapters, and dropout does nothing at inference anyway.
     """
-    return {
+    extra = {"target_parameters": sorted(set(target_parameters))} if target_parameters else {}
+    return {**extra,
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
@@ -81,7 +120,7 @@ def peft_adapter_config(spec: AdapterSpec, base_model_name_or_path: str, target_
         "inference_mode": True,
         "r": spec.r,
         "lora_alpha": spec.alpha,
-        "lora_dropout": spec.dropout,
+        "lora_dropout": 0.0 if target_parameters else spec.dropout,
         "target_modules": sorted(set(target_modules)),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -99,7 +138,7 @@ def peft_adapter_config(spec: AdapterSpec, base_model_name_or_path: str, target_
 
 
 def save_peft_adapter(output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor], spec: AdapterSpec,
-                      base_model_name_or_path: str, target_modules: list[str]) -> Path:
+                      base_model_name_or_path: str, target_modules: list[str], target_parameters: list[str] = ()) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` into `output_dir`.
 
     `state_dict` is `adapter_state_dict`'s output. Both files are written to a sibling temp dir
@@ -108,7 +147,7 @@ def save_peft_adapter(output_dir: str | os.PathLike, state_dict: dict[str, torch
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    config = peft_adapter_config(spec, base_model_name_or_path, target_modules)
+    config = peft_adapter_config(spec, base_model_name_or_path, target_modules, target_parameters)
     # safetensors needs contiguous CPU tensors; fp32 is what PEFT would load into fp32 adapters.
     tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in state_dict.items()}
 
@@ -161,19 +200,22 @@ def export_trained_adapter(output_dir: str | os.PathLike, full_tensors: dict[str
     every loader that reads the names can apply it: the given names; for `all-linear` the names of
     the linears it adapted (in every layer alike); for a regex the qualified names it matched."""
     state_dict = adapter_state_dict(full_tensors)
+    target_parameters = expert_target_parameters(list(full_tensors))
+    expert_keys = {key for name, key in peft_keys(list(full_tensors)).items() if f".{EXPERT_LORA}." in name}
+    modules = {key: tensor for key, tensor in state_dict.items() if key not in expert_keys}  # target_modules'
     if isinstance(spec.targets, str):
-        targets = adapted_modules(state_dict)
+        targets = adapted_modules(modules)
     elif is_all_linear(spec.target_modules):
-        targets = linear_names(adapted_modules(state_dict))
+        targets = linear_names(adapted_modules(modules))
     else:
         targets = sorted(set(spec.targets))
-    return save_peft_adapter(output_dir, state_dict, spec, base_model_path, targets)
+    return save_peft_adapter(output_dir, state_dict, spec, base_model_path, targets, target_parameters)
 
 
 def install_adapter(model: nn.Module, peft_state: dict[str, torch.Tensor]) -> None:
     """Copy a PEFT-keyed adapter (full tensors) into the model's (sharded) adapter parameters."""
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    ours = {PEFT_KEY_PREFIX + name: p for name, p in trainable.items()}
+    ours = {key: trainable[name] for name, key in peft_keys(list(trainable)).items()}
     missing, unexpected = sorted(set(ours) - set(peft_state)), sorted(set(peft_state) - set(ours))
     if missing or unexpected:
         raise ValueError(f"adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "

@@ -44,6 +44,12 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, Adapte
     if config.get("peft_type") != "LORA" or "r" not in config or "lora_alpha" not in config:
         raise AdapterError(f"{adapter_dir}/adapter_config.json is not a LoRA adapter config (peft_type "
                            f"{config.get('peft_type')!r}, needs r and lora_alpha): pass a LoRA/DoRA adapter directory")
+    if config.get("target_parameters"):
+        # Experts are stored per expert in most checkpoints (model/expert_layout.py) and fused in the
+        # model: merging would have to split each expert's update back into the checkpoint's layout.
+        raise AdapterError(f"{adapter_dir} adapts mixture-of-experts weights (target_parameters "
+                           f"{config['target_parameters']}), which merging does not handle yet: load it unmerged "
+                           "with PEFT (PeftModel.from_pretrained(base, adapter_dir))")
     use_dora = bool(config.get("use_dora"))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

@@ -32,10 +32,14 @@ class AdapterSpec:
     rank_pattern: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # PEFT's rank_pattern
     alpha_pattern: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     loraplus_lr_ratio: float = TrainConfig.loraplus_lr_ratio
+    # Fused expert weights adapted besides what `targets` implies (all-linear adapts them all): PEFT's
+    # target_parameters, names matched against the end of "<module>.<weight>".
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "target_parameters", tuple(self.target_parameters))
         object.__setattr__(self, "rank_pattern", MappingProxyType(dict(self.rank_pattern)))
         object.__setattr__(self, "alpha_pattern", MappingProxyType(dict(self.alpha_pattern)))
 
@@ -44,7 +48,7 @@ class AdapterSpec:
         return cls(targets=cfg.lora_target_regex or tuple(cfg.lora_target_modules), r=cfg.lora_rank,
                    alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, use_dora=cfg.train_type in DORA_TRAIN_TYPES,
                    use_rslora=cfg.use_rslora, rank_pattern=cfg.rank_pattern(), alpha_pattern=cfg.alpha_pattern(),
-                   loraplus_lr_ratio=cfg.loraplus_lr_ratio)
+                   loraplus_lr_ratio=cfg.loraplus_lr_ratio, target_parameters=tuple(cfg.lora_target_parameters))
 
     @property
     def target_modules(self) -> list[str] | str:

@@ -67,3 +67,26 @@ def count_by_name(qualified: list[str]) -> str:
     """``q_proj x30, k_proj x30, ...`` in first-seen order: what the run logs about its adapters."""
     counts = Counter(name.rsplit(".", 1)[-1] for name in qualified)
     return ", ".join(f"{name} x{count}" for name, count in counts.items())
+
+
+def select_expert_targets(expert_weights: list[str], target_modules: list[str] | str, target_parameters: list[str],
+                          use_dora: bool) -> list[str]:
+    """The fused expert weights (qualified ``<module>.<weight>`` names) that get adapters, in order.
+
+    `all-linear` adapts every expert weight (they are the experts' linear layers); `target_parameters`
+    (PEFT's rule: a name equal to, or ending in ``.`` + , the target) adds more. A target matching
+    nothing is an error naming the expert weights the model has. PEFT has no DoRA on expert weights,
+    so with DoRA they get none (and naming one is an error)."""
+    have = sorted({".".join(name.rsplit(".", 2)[-2:]) for name in expert_weights})
+    for target in target_parameters:
+        if not any(name == target or name.endswith("." + target) for name in expert_weights):
+            raise ConfigError(f"--lora-target-parameters: no expert weight of this model is named {target!r}; its "
+                              f"expert weights are {', '.join(have) or 'none (not a mixture-of-experts model)'}")
+    if use_dora:
+        if target_parameters:
+            raise ConfigError("--lora-target-parameters with DoRA: PEFT adapts expert weights with LoRA only, so "
+                              "such an adapter could not be loaded; use --train-type qlora or drop the expert targets")
+        return []
+    every = is_all_linear(target_modules)
+    return [name for name in expert_weights
+            if every or any(name == target or name.endswith("." + target) for target in target_parameters)]

@@ -18,26 +18,27 @@ from fsdp_qlora.distributed.env import DistEnv
 from fsdp_qlora.distributed.sharding import shard_model, shard_size
 from fsdp_qlora.model.loader import (
     COMPUTE_DTYPE,
+    checkpoint_layout_of,
     load_base_weights,
     materialize_computed_buffers,
     quantize_decoder_linears,
 )
 from fsdp_qlora.model.structure import decoder_layers, meta_model
-from fsdp_qlora.peft.apply import apply_lora, decoder_linear_names, init_lora_parameters
+from fsdp_qlora.peft.apply import ADAPTER_LAYERS, apply_lora, init_lora_parameters
 from fsdp_qlora.peft.dora import init_dora_magnitudes
-from fsdp_qlora.peft.lora import LoRALinear
 from fsdp_qlora.peft.spec import AdapterSpec
-from fsdp_qlora.peft.targets import count_by_name, select_targets
+from fsdp_qlora.peft.targets import count_by_name
 from fsdp_qlora.train.memory import apply_activation_memory_options, fsdp_options
 
 
 def check_model(model_dir: Path, cfg: TrainConfig) -> None:
-    """What can be refused from config.json alone, before data or weights: an architecture the
-    loader cannot handle, adapter targets that match nothing. Builds the model on meta (no memory)."""
+    """What can be refused from config.json and the checkpoint's headers, before data or weights: an
+    architecture the loader cannot handle, adapter targets that match nothing, experts the checkpoint
+    does not hold as config.json says. Builds the model on meta (no memory)."""
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     model = meta_model(config, COMPUTE_DTYPE, cfg.trust_remote_code)
-    select_targets([name for name, _ in model.named_modules() if name], decoder_linear_names(model),
-                   AdapterSpec.from_config(cfg).target_modules)
+    apply_lora(model, AdapterSpec.from_config(cfg))  # on meta: only the target checks cost anything
+    checkpoint_layout_of(model, model_dir)
 
 
 def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> nn.Module:
@@ -61,6 +62,6 @@ def _materialize_adapters(model: nn.Module, device: torch.device, seed: int) -> 
     """Adapters are tiny: build them in full on every rank from the same seed; FSDP2 then
     keeps each rank's chunk. Every rank thus starts from identical adapter weights."""
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, ADAPTER_LAYERS):
             module.materialize(device)
     init_lora_parameters(model, seed)

@@ -4,7 +4,7 @@ argv: <output dir> <sharding> <runs dir or -> <model dir>... Every rank builds e
 train.py does (adapters at their zero init, so the logits are the base's; or, given a runs dir, with
 <runs dir>/<model dir name>/adapter installed), runs the same fixed token ids, and rank 0 writes
 <output dir>/<model dir name>.safetensors (the logits) and .json (the sha256 of every decoder
-linear's NF4 bytes and dequantized weight, as the all-gathered whole tensor: tests/oracles.py).
+linear's and expert's NF4 bytes and dequantized weight, as the all-gathered whole tensor: tests/oracles.py).
 """
 
 import json
@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
+from fsdp_qlora.model.experts import expert_params
 from fsdp_qlora.model.nf4 import NF4Tensor
+from fsdp_qlora.model.nf4_experts import NF4Experts
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.structure import decoder_layers
 from fsdp_qlora.peft.export import install_adapter, load_peft_adapter
@@ -39,6 +41,15 @@ def base_digests(model) -> dict[str, str]:
                 for part, tensor in zip(QUANT_PARTS, weight.inner_tensors()):
                     tensors[f"{key}.{part}"] = tensor_digest(tensor)
                 tensors[f"{key}.dequantized"] = tensor_digest(weight.dequantize())
+            for param in expert_params(module):
+                experts = getattr(module, param)
+                assert isinstance(experts, NF4Experts)
+                for expert in range(experts.num_experts):
+                    key = f"layers.{index}.{name.removesuffix('.base')}.{param}.{expert}"
+                    quantized = experts.expert(expert)
+                    for part, tensor in zip(QUANT_PARTS, quantized.inner_tensors()):
+                        tensors[f"{key}.{part}"] = tensor_digest(tensor)
+                    tensors[f"{key}.dequantized"] = tensor_digest(quantized.dequantize())
         layer.reshard()
     return tensors
 

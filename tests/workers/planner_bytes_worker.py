@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
-from fsdp_qlora.model.nf4 import NF4Tensor
+from fsdp_qlora.model.nf4 import PackedNF4
 from fsdp_qlora.train.build import build_qlora_model
 from fsdp_qlora.train.optim import build_optimizer
 
@@ -32,7 +32,7 @@ def held_bytes(model_dir: str, case: str, env, mesh) -> dict[str, int]:
                              "optimizer_state"), 0)
     for param in model.parameters():
         local = _local(param)
-        if isinstance(local, NF4Tensor):
+        if isinstance(local, PackedNF4):  # NF4Tensor, NF4Experts
             figures["nf4_weights"] += local.packed.numel()
             figures["quant_constants"] += sum(t.numel() * t.element_size() for t in local.inner_tensors()[1:])
         elif param.requires_grad:
