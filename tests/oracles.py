@@ -68,13 +68,13 @@ def bnb_moe_reference(model_dir: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     from fsdp_qlora.model.experts import expert_params
-    from fsdp_qlora.model.registry import router_modules
+    from fsdp_qlora.model.registry import ARCHITECTURES
     from fsdp_qlora.model.structure import decoder_layers
 
     model_type = AutoConfig.from_pretrained(model_dir).model_type
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.bfloat16,
-                                llm_int8_skip_modules=["lm_head", *router_modules(model_type)])
+                                llm_int8_skip_modules=["lm_head", *ARCHITECTURES[model_type].router_modules])
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.bfloat16,
                                                  experts_implementation="eager").eval()
     digests = {}
