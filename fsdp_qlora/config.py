@@ -46,6 +46,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SHARDING_TYPES = ("auto", "fsdp", "hsdp", "ddp")
 DATASET_FORMATS = ("auto", "instruction", "chat", "text")
 TRUNCATION_MODES = ("truncate", "drop")
+COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+FSDP_UNITS = ("layer", "model")
 DEFAULT_TARGET_MODULES = ["all-linear"]  # every linear of every decoder layer (peft/targets.py)
 
 
@@ -82,6 +84,10 @@ class TrainConfig:
     output_dir: str = _opt("", "run directory; default runs/<model>-<timestamp>")
     model_cache_dir: str = _opt("", "where generated/downloaded models live; default $FSDP_QLORA_CACHE or ~/.cache/fsdp_qlora")
     trust_remote_code: bool = _opt(False, "allow model code from the hub (off unless you ask)")
+    compute_dtype: str = _opt("bf16", "dtype of the matmuls and activations (NF4 dequantizes into it; adapters, grads "
+                              "and optimizer stay fp32): auto = bf16 where the device has it natively, fp16 on "
+                              "GPUs without (with dynamic loss scaling), fp32 on CPUs without (train/precision.py)",
+                              choices=COMPUTE_DTYPES)
     load_workers: int = _opt(4, "threads per rank reading its slices of the safetensors shards in parallel "
                              "(positioned reads, overlapped with quantization); 1 = one read at a time")
     # -- adapter --
@@ -144,6 +150,13 @@ class TrainConfig:
                              "memory, copied to the GPU per layer (CUDA only)")
     reshard_after_forward: bool = _opt(True, "free each layer's all-gathered weights after its forward (and gather "
                                        "again in backward); --no-reshard-after-forward trades memory for speed")
+    dequantize_once: bool = _opt(False, "keep each NF4 weight's dequantized copy from forward for backward instead of "
+                                 "dequantizing it again: one dequantization per weight and step, for the memory "
+                                 "of every layer's weights in the compute dtype until backward")
+    fsdp_units: str = _opt("layer", "FSDP2 units: layer = one per decoder layer (gathered and freed layer by layer, "
+                           "communication overlapped with compute); model = the layers in the root's unit (one "
+                           "all-gather and one gradient reduction per step, the whole model gathered: small models)",
+                           choices=FSDP_UNITS)
     plan: bool = _opt(False, "print the per-GPU memory plan for these settings and exit without loading weights")
     gpu_memory_gib: float = _opt(0.0, "GPU memory per device for --plan and the fit warning; 0 = the device's own "
                                  "(24 on a machine without a GPU)")

@@ -91,7 +91,12 @@ def _env(threads: int) -> dict[str, str]:
 OURS = {
     # name: (extra train.py flags, description)
     "ours": ((), "ours: FSDP2 QLoRA, NF4Tensor base"),
-    "ours-ddp": (("--sharding", "ddp"), "ours --sharding ddp (diagnostic)"),
+    "ours-ddp": (("--sharding", "ddp"), "ours --sharding ddp"),
+    # one-off comparisons of single options, e.g. --ours ours,ours-model-unit (not in the default set)
+    "ours-layer-units": (("--fsdp-units", "layer"), "ours --fsdp-units layer"),
+    "ours-model-unit": (("--fsdp-units", "model"), "ours --fsdp-units model"),
+    "ours-ddp-model-unit": (("--sharding", "ddp", "--fsdp-units", "model"), "ours --sharding ddp --fsdp-units model"),
+    "ours-dequantize-once": (("--dequantize-once",), "ours --dequantize-once"),
 }
 
 
@@ -305,8 +310,9 @@ def combine(repeats: list[dict], ours_names: list[str]) -> dict:
 
 
 def layouts(args) -> dict[str, str]:
-    out = {"ours": f"{args.nproc} ranks x 1 thread, FSDP2 full shard, batch {args.batch_size}/rank",
-           "ours-ddp": f"{args.nproc} ranks x 1 thread, replicated (DDP-like), batch {args.batch_size}/rank"}
+    out = {name: (f"{args.nproc} ranks x 1 thread, replicated (DDP-like), batch {args.batch_size}/rank"
+                  if "ddp" in flags else f"{args.nproc} ranks x 1 thread, FSDP2 full shard, batch {args.batch_size}/rank")
+           for name, (flags, _) in OURS.items()}
     for name, (_, kind, _) in PEERS.items():
         out[name] = (f"1 process x {args.nproc} threads, batch {args.batch_size * args.nproc}" if kind == "single"
                      else f"{args.nproc} processes x 1 thread, DDP, batch {args.batch_size}/process")

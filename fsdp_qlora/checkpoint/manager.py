@@ -67,6 +67,7 @@ class TrainerState:
     world_size: int = 1
     config: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # the data position (data/pipeline.py TrainData.state_dict)
+    loss_scale: dict[str, Any] = field(default_factory=dict)  # fp16's dynamic loss scale (train/precision.py)
     files: dict[str, int] = field(default_factory=dict)
 
 

@@ -134,8 +134,17 @@ def describe(mesh: DeviceMesh) -> str:
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.bfloat16,
-                fsdp_options: dict | None = None) -> nn.Module:
-    """`fully_shard` the input embeddings, every decoder layer, then the root, on the mesh.
+                fsdp_options: dict | None = None, per_layer_units: bool = True) -> nn.Module:
+    """`fully_shard` the input embeddings, every decoder layer (unless not `per_layer_units`), then
+    the root, on the mesh.
+
+    A unit's parameters are all-gathered, freed and their gradients reduced as one collective each:
+    per-layer units overlap communication with compute layer by layer and hold one layer gathered.
+    Without them the layers belong to the root's unit: one all-gather and one gradient reduction
+    per step, the whole model gathered from forward to backward; on a small model, where the
+    per-collective and per-hook costs dominate, that is faster (docs/benchmarks.md). Not grouped as
+    ``fully_shard([layer, layer, ...])``: FSDP2 then still runs each module's hooks and a
+    reduce-scatter per module, and was measured slower than either.
 
     Compute runs in `param_dtype` (the fp32 adapters are cast for the matmuls); gradients
     are reduced in fp32 so that averaging across ranks loses nothing.
@@ -157,7 +166,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or head.weight is not embeddings.weight:
         fully_shard(embeddings, mesh=mesh, mp_policy=policy, **{**options, "reshard_after_forward": True})
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model) if per_layer_units else []:
         fully_shard(layer, mesh=mesh, mp_policy=policy, **options)
     options.pop("reshard_after_forward", None)  # the root keeps FSDP2's own choice (no reshard: backward is next)
     fully_shard(model, mesh=mesh, mp_policy=policy, **options)

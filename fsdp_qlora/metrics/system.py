@@ -61,9 +61,11 @@ def flops_per_token(model: nn.Module, context_length: int) -> float:
     return 4 * frozen + 6 * trainable + attention
 
 
-def peak_tflops(device: torch.device) -> float:
-    """The device's peak: the spec sheet for known GPUs; otherwise (CPU, unknown GPU) an
-    empirical peak, the best matmul throughput measured here."""
+def peak_tflops(device: torch.device, dtype: torch.dtype | None = None) -> float:
+    """The device's peak in the compute dtype: the spec sheet (bf16/fp16 tensor cores) for known GPUs;
+    otherwise (CPU, unknown GPU, fp32) an empirical peak, the best matmul throughput measured here."""
+    if dtype is not None and (device.type != "cuda" or dtype == torch.float32):
+        return _measured_matmul_tflops(device, dtype, size=4096 if device.type == "cuda" else 512)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_TFLOPS.items():

@@ -32,7 +32,9 @@ from fsdp_qlora.model.shard_reader import RowRange, RowReader, read_ahead, read_
 from fsdp_qlora.model.sources import safetensors_files
 from fsdp_qlora.model.structure import decoder_layers
 
-COMPUTE_DTYPE = torch.bfloat16
+# Frozen weights other than NF4 (embeddings, norms, lm_head, biases, routers) are kept as checkpoints
+# ship them, bf16; FSDP2's mixed precision casts them to the compute dtype when gathered.
+STORAGE_DTYPE = torch.bfloat16
 # Read-ahead per rank: enough for several 16 MiB reads in flight while a slice is quantized,
 # small next to a shard file (a 70B checkpoint's are ~10 GB) even with 8 ranks per node.
 READ_AHEAD_BYTES = 64 << 20
@@ -91,7 +93,7 @@ def quantize_decoder_linears(model: nn.Module, shard_count: int) -> list[str]:
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             nf4 = NF4Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                            device="meta", bias_dtype=COMPUTE_DTYPE)
+                            device="meta", bias_dtype=STORAGE_DTYPE)
             setattr(parent, child, nf4)
             replaced.append(full_name)
     return replaced
@@ -146,8 +148,9 @@ def local_row_range(rows: int, mesh, placements=None) -> tuple[int, int]:
 
 
 def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
-                      workers: int = TrainConfig.load_workers) -> None:
-    """Install this rank's rows of every checkpoint tensor, read by `workers` threads.
+                      workers: int = TrainConfig.load_workers, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Install this rank's rows of every checkpoint tensor, read by `workers` threads; NF4 weights
+    dequantize into `compute_dtype` by default (the matmuls follow their input's dtype).
 
     The checkpoint's tensor names and shapes are checked against the model first, from the
     safetensors headers alone, so a mismatch is reported before any weight is read. Experts come
@@ -162,13 +165,13 @@ def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
                           f"{' ...' if len(missing) > 5 else ''}: the checkpoint does not match its config.json")
     jobs = [(_local_rows(entry, targets[name][0]), name) for name, entry in layout.plain.items()
             if name in targets]  # skips e.g. rotary caches some checkpoints carry
-    stacks = {name: _LocalExperts(name, targets[name], pieces, device) for name, pieces in layout.experts.items()}
+    stacks = {name: _LocalExperts(targets[name], pieces, device, compute_dtype) for name, pieces in layout.experts.items()}
     jobs += [(piece.source, (stack, piece)) for stack in stacks.values() for piece in stack.local_pieces]
     with large_allocations_via_mmap(), RowReader(workers) as reader:
         for (rows, local_rows), (_, job) in zip(read_ahead([rows for rows, _ in jobs], reader, READ_AHEAD_BYTES), jobs):
             if isinstance(job, str):
                 for module, attr in targets[job]:
-                    _install_local_rows(module, attr, rows, local_rows, device)
+                    _install_local_rows(module, attr, rows, local_rows, device, compute_dtype)
             else:
                 stack, piece = job
                 stack.add(piece, local_rows)
@@ -183,7 +186,7 @@ class _LocalExperts:
     quantized, for NF4) as soon as all its parts are read, so no more than one expert is held in
     bf16 beyond the read-ahead."""
 
-    def __init__(self, name: str, holders: list[tuple[nn.Module, str]], pieces, device: torch.device):
+    def __init__(self, holders: list[tuple[nn.Module, str]], pieces, device: torch.device, compute_dtype: torch.dtype):
         self.holders = holders
         module, attr = holders[0]
         param = getattr(module, attr)
@@ -195,7 +198,7 @@ class _LocalExperts:
         self.parts = 1 + max(piece.part for piece in pieces)
         self.quantized = param.dtype == torch.uint8
         local = self.stop - self.start
-        self.local = (empty_nf4_experts(local, rows, cols, device, COMPUTE_DTYPE) if self.quantized
+        self.local = (empty_nf4_experts(local, rows, cols, device, compute_dtype) if self.quantized
                       else torch.empty(local, rows, cols, dtype=param.dtype, device=device))
         self.pending: dict[int, dict[int, torch.Tensor]] = {}
 
@@ -208,7 +211,7 @@ class _LocalExperts:
         del self.pending[piece.expert]
         slot = piece.expert - self.start
         if self.quantized:
-            set_expert(self.local, slot, weight.to(COMPUTE_DTYPE))
+            set_expert(self.local, slot, weight.to(STORAGE_DTYPE))  # bitsandbytes' input: the bf16 weight
         else:
             self.local[slot].copy_(weight)
 
@@ -254,14 +257,14 @@ def _local_rows(entry, holder: tuple[nn.Module, str]) -> RowRange:
 
 
 def _install_local_rows(module: nn.Module, attr: str, read: RowRange, rows: torch.Tensor,
-                        device: torch.device) -> None:
+                        device: torch.device, compute_dtype: torch.dtype) -> None:
     param = getattr(module, attr)
     rows = rows.to(device)
     if isinstance(module, NF4Linear) and attr == "weight":
         # The same NF4 bytes at every world size: the ranks splitting this weight exchange their
         # first-level absmax so that double quantization sees the whole weight (model/nf4.py).
         first_block = read.start * module.in_features // NF4_BLOCKSIZE
-        local = quantize_nf4_rows(rows.to(COMPUTE_DTYPE), COMPUTE_DTYPE, _absmax_gather(param), first_block)
+        local = quantize_nf4_rows(rows.to(STORAGE_DTYPE), compute_dtype, _absmax_gather(param), first_block)
     else:
         local = rows.to(param.dtype)
     sharded = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,

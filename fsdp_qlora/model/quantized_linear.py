@@ -16,32 +16,35 @@ class _NF4Matmul(torch.autograd.Function):
     The bias goes into the same `F.linear` call, as bitsandbytes' `gemm_4bit` does it: a fused
     add rounds differently from a matmul followed by an add in bf16.
 
-    The bf16 weight is dequantized again in backward instead of being saved: saving it
+    By default the weight is dequantized again in backward instead of being saved: saving it
     would keep a full-precision copy of every layer alive until backward, which is
     exactly the memory NF4 is meant to save. (bitsandbytes' MatMul4Bit does the same.)
+    With `keep` (``--dequantize-once``) the dequantized weight is saved instead, trading that
+    memory for one dequantization per weight and step (docs/memory.md).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Tensor, dense: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, keep: bool = False) -> torch.Tensor:
         # `dense`: the weight already dequantized by the caller (DoRA needs it for its norm too),
         # so one forward dequantizes once.
-        ctx.weight = weight
-        return F.linear(x, weight.dequantize(x.dtype) if dense is None else dense,
-                        None if bias is None else bias.to(x.dtype))
+        dense = weight.dequantize(x.dtype) if dense is None else dense
+        ctx.weight, ctx.dense = weight, dense if keep else None
+        return F.linear(x, dense, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        weight: NF4Tensor = ctx.weight
-        return grad_output @ weight.dequantize(grad_output.dtype), None, None, None
+        dense = ctx.dense if ctx.dense is not None else ctx.weight.dequantize(grad_output.dtype)
+        return grad_output @ dense, None, None, None, None
 
 
 def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, dense: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ dequant(weight)^T + bias; `dense` is the dequantized weight if the caller has it."""
+               bias: torch.Tensor | None = None, keep: bool = False) -> torch.Tensor:
+    """x @ dequant(weight)^T + bias; `dense` is the dequantized weight if the caller has it; `keep`
+    saves it for backward instead of dequantizing again there."""
     if not isinstance(weight, NF4Tensor):
         raise RuntimeError("NF4Linear used before its weight was loaded")
-    return _NF4Matmul.apply(x, weight, dense, bias)
+    return _NF4Matmul.apply(x, weight, dense, bias, keep)
 
 
 class NF4Linear(nn.Module):
@@ -61,10 +64,11 @@ class NF4Linear(nn.Module):
         self.weight = nn.Parameter(placeholder, requires_grad=False)
         bias_param = torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
         self.bias = nn.Parameter(bias_param, requires_grad=False) if bias else None
+        self.dequantize_once = False  # --dequantize-once: keep the dequantized weight for backward
 
     def forward(self, x: torch.Tensor, dense_weight: torch.Tensor | None = None) -> torch.Tensor:
         """`dense_weight`: this layer's weight already dequantized in x's dtype, to reuse."""
-        return nf4_matmul(x, self.weight, dense_weight, self.bias)
+        return nf4_matmul(x, self.weight, dense_weight, self.bias, self.dequantize_once)
 
     # ---- the frozen-base interface (model/frozen.py) ----------------------------------------
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -76,8 +80,9 @@ class NF4Linear(nn.Module):
         return weight.dequantize(dtype)
 
     def matmul(self, x: torch.Tensor, dense_weight: torch.Tensor) -> torch.Tensor:
-        """x @ W^T without the bias; backward dequantizes W again instead of keeping `dense_weight`."""
-        return nf4_matmul(x, self.weight, dense_weight)
+        """x @ W^T without the bias; backward dequantizes W again instead of keeping `dense_weight`
+        (unless `dequantize_once`)."""
+        return nf4_matmul(x, self.weight, dense_weight, keep=self.dequantize_once)
 
     def weight_loaded(self) -> bool:
         weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight

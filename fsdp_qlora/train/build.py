@@ -17,18 +17,20 @@ from fsdp_qlora.config import QUANTIZED_TRAIN_TYPES, TrainConfig
 from fsdp_qlora.distributed.env import DistEnv
 from fsdp_qlora.distributed.sharding import shard_model, shard_size
 from fsdp_qlora.model.loader import (
-    COMPUTE_DTYPE,
+    STORAGE_DTYPE,
     checkpoint_layout_of,
     load_base_weights,
     materialize_computed_buffers,
     quantize_decoder_linears,
 )
+from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.structure import decoder_layers, meta_model
 from fsdp_qlora.peft.apply import ADAPTER_LAYERS, apply_lora, init_lora_parameters
 from fsdp_qlora.peft.dora import init_dora_magnitudes
 from fsdp_qlora.peft.spec import AdapterSpec
 from fsdp_qlora.peft.targets import count_by_name
 from fsdp_qlora.train.memory import apply_activation_memory_options, fsdp_options
+from fsdp_qlora.train.precision import resolve_compute_dtype
 
 
 def check_model(model_dir: Path, cfg: TrainConfig) -> None:
@@ -36,24 +38,29 @@ def check_model(model_dir: Path, cfg: TrainConfig) -> None:
     architecture the loader cannot handle, adapter targets that match nothing, experts the checkpoint
     does not hold as config.json says. Builds the model on meta (no memory)."""
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-    model = meta_model(config, COMPUTE_DTYPE, cfg.trust_remote_code)
+    model = meta_model(config, STORAGE_DTYPE, cfg.trust_remote_code)
     apply_lora(model, AdapterSpec.from_config(cfg))  # on meta: only the target checks cost anything
     checkpoint_layout_of(model, model_dir)
 
 
 def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> nn.Module:
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-    model = meta_model(config, COMPUTE_DTYPE, cfg.trust_remote_code)  # refuses what cannot load, in one line
+    model = meta_model(config, STORAGE_DTYPE, cfg.trust_remote_code)  # refuses what cannot load, in one line
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, env.device)
     materialize_computed_buffers(model, env.device)  # rotary frequencies, embedding scales: transformers' init
     if cfg.train_type in QUANTIZED_TRAIN_TYPES:  # lora/dora: the base stays frozen bf16 nn.Linears, loaded by rows
         quantize_decoder_linears(model, shard_count=shard_size(mesh))  # the dp_shard ranks (1 for ddp)
+        for module in model.modules():
+            if isinstance(module, NF4Linear):
+                module.dequantize_once = cfg.dequantize_once
     adapted = apply_lora(model, AdapterSpec.from_config(cfg))
     if env.is_main:
         print(f"adapters on {len(adapted)} modules: {count_by_name(adapted)}", flush=True)
     _materialize_adapters(model, env.device, cfg.seed)
     apply_activation_memory_options(decoder_layers(model), cfg)  # checkpointing / offload (train/memory.py)
-    shard_model(model, mesh, fsdp_options=fsdp_options(cfg))
-    load_base_weights(model, model_dir, env.device, cfg.load_workers)
+    shard_model(model, mesh, param_dtype=compute_dtype, fsdp_options=fsdp_options(cfg),
+                per_layer_units=cfg.fsdp_units == "layer")
+    load_base_weights(model, model_dir, env.device, cfg.load_workers, compute_dtype)
     init_dora_magnitudes(model)  # DoRA's m = row norms of the loaded base; each rank its own rows
     return model
 

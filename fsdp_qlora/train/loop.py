@@ -35,6 +35,7 @@ from fsdp_qlora.train.loss import token_loss_sum
 from fsdp_qlora.train.memory import check_device_options
 from fsdp_qlora.train.optim import build_optimizer, build_scheduler
 from fsdp_qlora.train.plan_advice import warn_if_plan_does_not_fit
+from fsdp_qlora.train.precision import LossScaler, resolve_compute_dtype
 from fsdp_qlora.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, PreemptionFlag, TrainingInterrupted
 
 
@@ -94,25 +95,37 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step: int,
-                loss_chunk_tokens: int = 0) -> tuple[float, int]:
-    """Forward/backward over the micro-batches; returns (mean token loss, global input tokens)."""
+def _global_counts(micro: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """(labelled tokens, input tokens) of the whole global batch, from the host batches: one
+    all-reduce of two numbers per step, before anything runs on the device."""
+    local = torch.tensor([sum(float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+                          sum(float(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)
+    label_tokens, input_tokens = _all_reduce_sum(local).tolist()
+    return label_tokens, int(input_tokens)
+
+
+def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step: int, global_label_tokens: float,
+                loss_chunk_tokens: int = 0, loss_scale: float = 1.0) -> torch.Tensor:
+    """Forward/backward over the micro-batches; returns this rank's summed token loss (on the device,
+    not synchronized: the loop reads it only when it logs)."""
     # Normalize by the labelled tokens of the whole global batch, so the gradient is that
     # of the mean token loss however the tokens fall across ranks and micro-steps.
-    # FSDP averages gradients over ranks, hence the world_size factor.
-    local_counts = torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro]).sum()
-    global_label_tokens = _all_reduce_sum(local_counts.float().cpu()).item()
+    # FSDP averages gradients over ranks, hence the world_size factor; fp16 scales the loss
+    # (train/precision.py), and the gradients are unscaled before clipping.
     loss_sum = torch.zeros((), device=env.device)
     for i, batch in enumerate(micro):
         model.set_requires_gradient_sync(i == len(micro) - 1)
         loss = token_loss_sum(model, batch, loss_chunk_tokens)
         if faults.nan_loss_at(step):
             loss = loss * float("nan")
-        (loss * env.world_size / global_label_tokens).backward()
+        (loss * (env.world_size * loss_scale / global_label_tokens)).backward()
         loss_sum += loss.detach()
-    step_loss = _all_reduce_sum(loss_sum.cpu()).item() / global_label_tokens
-    input_tokens = _all_reduce_sum(torch.stack([b["attention_mask"].sum() for b in micro]).sum().cpu()).item()
-    return step_loss, int(input_tokens)
+    return loss_sum
+
+
+def _mean_loss(loss_sum: torch.Tensor, global_label_tokens: float) -> float:
+    """The global batch's mean token loss (an all-reduce and a host sync: only when it is read)."""
+    return _all_reduce_sum(loss_sum.float().cpu()).item() / global_label_tokens
 
 
 def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, model_dir: Path,
@@ -132,24 +145,37 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
     metrics.log_hparams(cfg.to_dict(), {"train/loss": float("nan")})
     metrics.log(state.step, data.scalars(), jsonl=False)  # data/efficiency (padding or packing), sizes
     progress = Progress(total_steps, state.step, enabled=env.is_main)
-    model_flops_per_token, device_peak = flops_per_token(model, cfg.context_length), peak_tflops(env.device)
+    model_flops_per_token = flops_per_token(model, cfg.context_length)
+    device_peak = peak_tflops(env.device, resolve_compute_dtype(cfg.compute_dtype, env.device))
     batches = data.batches()  # from the position restored before the weights loaded (if resuming)
     preemption = PreemptionFlag()
+    scaler = LossScaler(enabled=resolve_compute_dtype(cfg.compute_dtype, env.device) == torch.float16)
+    if state.loss_scale:
+        scaler.load_state_dict(state.loss_scale)
     bad_steps = 0
     model.train()
     while state.step < total_steps:
         started = time.perf_counter()
         position_before_step = data.state_dict()
-        micro = [{k: v.to(env.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum_steps)]
-        step_loss, input_tokens = _train_step(model, micro, env, state.step + 1, cfg.loss_chunk_tokens)
+        host_micro = [next(batches) for _ in range(cfg.grad_accum_steps)]
+        label_tokens, input_tokens = _global_counts(host_micro)
+        micro = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in host_micro]
+        loss_sum = _train_step(model, micro, env, state.step + 1, label_tokens, cfg.loss_chunk_tokens, scaler.scale)
+        scaler.unscale_(adapter_params)
+        # A non-finite loss makes non-finite gradients, so the norm (one all-reduce, needed for
+        # clipping anyway) is the only check the step needs.
         grad_norm = _clip_grad_norm(adapter_params, cfg.max_grad_norm)
-        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+        finite = math.isfinite(grad_norm)
+        overflow = scaler.update(finite)
         if finite:
             optimizer.step()
             bad_steps = 0
+        elif overflow:
+            progress.message(f"fp16 overflow at step {state.step + 1}: update skipped, loss scale now {scaler.scale:g}")
         else:
             bad_steps += 1
-            progress.message(f"warning: step {state.step + 1}: non-finite loss/grad norm ({step_loss}, {grad_norm}); "
+            progress.message(f"warning: step {state.step + 1}: non-finite loss/grad norm "
+                             f"({_mean_loss(loss_sum, label_tokens)}, {grad_norm}); "
                              f"update skipped ({bad_steps}/{cfg.max_bad_steps} in a row)")
         optimizer.zero_grad(set_to_none=True)
         if bad_steps >= cfg.max_bad_steps:
@@ -163,8 +189,10 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
         state.micro_batches_consumed += cfg.grad_accum_steps
         state.tokens_seen += input_tokens
         state.scheduler = scheduler.state_dict()
+        state.loss_scale = scaler.state_dict() if scaler.enabled else {}
         elapsed = time.perf_counter() - started
         if finite and (state.step % cfg.log_every == 0 or state.step == total_steps):
+            step_loss = _mean_loss(loss_sum, label_tokens)
             tokens_per_sec = input_tokens / elapsed
             scalars = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens_per_sec": tokens_per_sec,
@@ -218,7 +246,9 @@ def _resume(path: Path, cfg, env, checkpoints, model, optimizer, scheduler) -> T
 def _clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Global L2 norm of the (sharded) gradients; clips when max_norm > 0."""
     clip_to = max_norm if max_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, clip_to, foreach=False)
+    # foreach: one fused kernel (and one DTensor dispatch) per op for all the adapters' gradients
+    # instead of one per tensor.
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_to, foreach=True)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 

@@ -45,10 +45,10 @@ def build_optimizer(params: list[torch.nn.Parameter] | list[dict], cfg: TrainCon
     """`params`: parameters, or param groups (LoRA+: `peft.lora.adapter_param_groups`)."""
     name = getattr(cfg, "optimizer", "adamw")
     if name == "adamw":
-        # foreach=False: the params are DTensors whose local shards may differ in shape per rank;
-        # the per-tensor path is the one FSDP2 documents as always safe.
+        # foreach: the elementwise update of all adapters at once (one DTensor dispatch per op, not
+        # one per parameter); elementwise ops do not care that local shards differ in shape per rank.
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                                 foreach=False)
+                                 foreach=True)
     return ShardedBnbAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                            optim_bits=8 if name.endswith("8bit") else 32, is_paged=name.startswith("paged_"),
                            min_8bit_size=getattr(cfg, "min_8bit_size", 4096))

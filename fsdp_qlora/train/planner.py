@@ -378,7 +378,8 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     weights = [*geo.linears().values(), *((o, i) for _, o, i in geo.layer_experts.values())]
     biggest_bf16 = max(o * i for o, i in weights) * 2 if opt.quantized else 0
     layer_adapter = sum(math.prod(shape) for shape in geo.adapter_shapes(opt.adapter))
-    gathered_layers = 2 if opt.reshard_after_forward else geo.layers + 1  # current + prefetched (or all)
+    # current + prefetched layer, or all of them (--no-reshard-after-forward; --fsdp-units model: in the root's unit)
+    gathered_layers = 2 if opt.reshard_after_forward and opt.fsdp_units == "layer" else geo.layers + 1
     parts: dict[str, int] = {}
     host: dict[str, int] = {}
     resident = ("nf4_weights", "quant_constants", "frozen_bf16", "adapter_params", "adapter_grads", "optimizer_state")
@@ -424,6 +425,11 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     # lookup) while the first layer is gathered, before any activation exists. With a large
     # vocabulary and little activation memory (Llama-3, short context) it can be the higher one.
     forward_start = embeddings_gathered + layer_full + layer_adapter * 2 + tokens * 2 * geo.hidden  # + their output
+    if opt.dequantize_once and opt.quantized:
+        # --dequantize-once: each non-checkpointed layer keeps its linears dequantized (compute dtype,
+        # 2 bytes) until its backward; a checkpointed one only while it is recomputed (one at a time).
+        layer_dense = sum(out_f * in_f for out_f, in_f in geo.linears().values()) * 2
+        parts["activations"] += (plain + (1 if checkpointed else 0)) * layer_dense
     step_peak = parts["layer_buffers"] + parts["activations"] + parts["logits_and_loss"]
     if forward_start > step_peak:
         parts.update(layer_buffers=0, activations=0, logits_and_loss=0, embeddings_at_forward_start=forward_start)
