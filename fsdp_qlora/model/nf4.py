@@ -32,8 +32,10 @@ from typing import Any, Callable
 import torch
 
 # bitsandbytes' CPU backend warns at import that it cannot fetch an optional hub kernel
-# (never possible offline); the NF4 path here does not use that kernel.
+# (never possible offline), and `kernels` (>= 0.19, which it asks) that it skips a trust check
+# offline; the NF4 path here does not use that kernel.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels").setLevel(logging.ERROR)
 import bitsandbytes.functional as bnbf  # noqa: E402
 
 from fsdp_qlora.layout import NESTED_BLOCKSIZE, NF4_BLOCKSIZE  # noqa: E402
@@ -147,13 +149,21 @@ class NF4Tensor(PackedNF4):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full-precision weight ``(rows, in_features)`` in `dtype` (default compute dtype)."""
+        dtype = dtype or self.compute_dtype
+        if torch.compiler.is_compiling():
+            # Under torch.compile (--compile) one opaque node of the graph, the registered op below,
+            # instead of dynamo tracing bitsandbytes' Python (QuantState and friends) at every call.
+            return torch.ops.fsdp_qlora.dequantize_nf4(*self.inner_tensors(), self.first_block, dtype)
+        return self._dequantize(dtype)
+
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         state = bnbf.QuantState(
             absmax=self.dequantize_absmax(),
             shape=self.weight_shape,
             code=_nf4_code(self.device),
             blocksize=NF4_BLOCKSIZE,
             quant_type="nf4",
-            dtype=dtype or self.compute_dtype,
+            dtype=dtype,
         )
         return bnbf.dequantize_4bit(self.packed.view(-1, 1), state)
 
@@ -178,6 +188,19 @@ class NF4Tensor(PackedNF4):
             return
         absmax_q = all_gather_outputs[1] if local_absmax_q is None else local_absmax_q
         return NF4Tensor(packed, absmax_q, nested_absmax, offset, compute_dtype), tuple(all_gather_outputs)
+
+
+@torch.library.custom_op("fsdp_qlora::dequantize_nf4", mutates_args=())
+def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor,
+                   first_block: int, dtype: torch.dtype) -> torch.Tensor:
+    """`NF4Tensor.dequantize` as an operator torch.compile keeps whole (the same bitsandbytes calls)."""
+    return NF4Tensor(packed, absmax_q, nested_absmax, offset, dtype, first_block)._dequantize(dtype)
+
+
+@dequantize_nf4.register_fake
+def _(packed, absmax_q, nested_absmax, offset, first_block, dtype):
+    rows, half_cols = packed.shape
+    return packed.new_empty((rows, half_cols * 2), dtype=dtype)
 
 
 # ---- the few aten ops FSDP2, DTensor and nn.Parameter apply to a parameter ----------------
