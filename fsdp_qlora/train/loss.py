@@ -3,9 +3,10 @@
 A 128k-vocabulary model at context 8192 has 8192 x 128256 logits per sequence: 2 GiB in bf16
 and 4 GiB in fp32, plus as much again for cross-entropy's saved log-softmax. The chunked loss
 runs the model up to the final norm, then projects ``chunk_tokens`` positions at a time through
-``lm_head`` and sums their cross-entropy. Each chunk is checkpointed (non-reentrant): only its
-slice of hidden states is kept for backward, where its logits are recomputed one chunk at a
-time. Peak logits memory is therefore one chunk (bf16 + fp32 + its gradient), whatever the
+``lm_head`` and sums their cross-entropy. Each chunk but the last is checkpointed (non-reentrant):
+only its slice of hidden states is kept for backward, where its logits are recomputed one chunk at
+a time; backward starts with the last chunk, so keeping what it saves costs no more than
+recomputing it would. Peak logits memory is therefore one chunk (bf16 + fp32 + its gradient), whatever the
 context length.
 
 FSDP2: the root module (embeddings, final norm, lm_head) must still run its forward hooks, so
@@ -97,10 +98,18 @@ def chunked_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tok
     hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
     labels = batch["labels"][:, 1:].reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.size(0), chunk_tokens):
+    starts = range(0, hidden.size(0), chunk_tokens)
+    for start in starts:
         stop = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss_sum, lm_head, hidden[start:stop], labels[start:stop], softcap,
-                                   use_reentrant=False)
+        if start == starts[-1]:
+            # The last chunk is not checkpointed: backward begins with it, so what it saves lives no
+            # longer than its recomputation would, and the peak is the same one chunk; recomputing
+            # it would cost a second lm_head matmul and log-softmax (for a short batch, the only
+            # chunk: ~15% of a SmolLM2-135M step on CPU, docs/benchmarks.md).
+            total = total + _chunk_loss_sum(lm_head, hidden[start:stop], labels[start:stop], softcap)
+        else:
+            total = total + checkpoint(_chunk_loss_sum, lm_head, hidden[start:stop], labels[start:stop], softcap,
+                                       use_reentrant=False)
     return total
 
 
