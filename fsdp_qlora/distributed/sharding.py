@@ -134,7 +134,8 @@ def describe(mesh: DeviceMesh) -> str:
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.bfloat16,
-                fsdp_options: dict | None = None, per_layer_units: bool = True) -> nn.Module:
+                fsdp_options: dict | None = None, per_layer_units: bool = True,
+                replicate_frozen: bool = False) -> nn.Module:
     """`fully_shard` the input embeddings, every decoder layer (unless not `per_layer_units`), then
     the root, on the mesh.
 
@@ -148,6 +149,17 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
 
     Compute runs in `param_dtype` (the fp32 adapters are cast for the matmuls); gradients
     are reduced in fp32 so that averaging across ranks loses nothing.
+
+    `replicate_frozen` (`frozen_replication`: a dp_shard of one rank, i.e. ``ddp`` or one process):
+    the frozen weights (NF4 base, embeddings, norms, lm_head) are not FSDP2's to manage at all
+    (`ignored_params`). With nothing to split, FSDP2 would still copy every one of them into an
+    "all-gather" buffer each forward (and again in backward after a reshard), hold that second copy
+    while gathered and run its copy-in/out per step: a third of the step of a 2-rank SmolLM2-135M
+    run on CPU went to it (docs/benchmarks.md). Instead they stay plain tensors on the device,
+    cast once to `param_dtype` (what the mixed-precision policy would cast them to at every gather;
+    NF4 bytes are not cast: they dequantize into the activations' dtype). FSDP2 then holds only the
+    adapters: their gradients are still all-reduced once per unit, their state still checkpoints as
+    DTensors under every layout.
 
     The embeddings are their own unit so that their all-gathered weight (vocab x hidden: 0.5 GiB
     on Llama-2-70B, 2 GiB on Llama-3's 128k vocabulary) is freed right after the lookup: they
@@ -163,11 +175,29 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # fsdp_options: reshard_after_forward / offload_policy (fsdp_qlora.train.memory).
     options = dict(fsdp_options or {})
+    if replicate_frozen:
+        options["ignored_params"] = _frozen_in_compute_dtype(model, param_dtype)
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is None or head.weight is not embeddings.weight:
+    if (head is None or head.weight is not embeddings.weight) and not replicate_frozen:
         fully_shard(embeddings, mesh=mesh, mp_policy=policy, **{**options, "reshard_after_forward": True})
     for layer in decoder_layers(model) if per_layer_units else []:
         fully_shard(layer, mesh=mesh, mp_policy=policy, **options)
     options.pop("reshard_after_forward", None)  # the root keeps FSDP2's own choice (no reshard: backward is next)
     fully_shard(model, mesh=mesh, mp_policy=policy, **options)
     return model
+
+
+def frozen_replication(mesh: DeviceMesh, cpu_offload: bool = False) -> bool:
+    """Whether the frozen weights stay out of FSDP2 (`shard_model`'s `replicate_frozen`): when no
+    parameter is split (a dp_shard of one rank), unless FSDP2's CPU offload is to move them to the host."""
+    return shard_size(mesh) == 1 and not cpu_offload
+
+
+def _frozen_in_compute_dtype(model: nn.Module, dtype: torch.dtype) -> set[nn.Parameter]:
+    """The frozen parameters (still meta placeholders), the floating ones retyped to `dtype` in place,
+    so that the loader fills them in the compute dtype and shared (tied) parameters stay shared."""
+    frozen = {param for param in model.parameters() if not param.requires_grad}
+    for param in frozen:
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = torch.empty_like(param, dtype=dtype, device="meta")
+    return frozen

@@ -33,7 +33,9 @@ from fsdp_qlora.model.sources import safetensors_files
 from fsdp_qlora.model.structure import decoder_layers
 
 # Frozen weights other than NF4 (embeddings, norms, lm_head, biases, routers) are kept as checkpoints
-# ship them, bf16; FSDP2's mixed precision casts them to the compute dtype when gathered.
+# ship them, bf16; FSDP2's mixed precision casts them to the compute dtype when gathered. Where they are
+# replicated rather than sharded (distributed/sharding.py: a dp_shard of one rank) FSDP2 does not
+# manage them: they are plain tensors, already in the compute dtype, every row on every rank.
 STORAGE_DTYPE = torch.bfloat16
 # Read-ahead per rank: enough for several 16 MiB reads in flight while a slice is quantized,
 # small next to a shard file (a 70B checkpoint's are ~10 GB) even with 8 ranks per node.
@@ -190,10 +192,9 @@ class _LocalExperts:
         self.holders = holders
         module, attr = holders[0]
         param = getattr(module, attr)
-        assert isinstance(param, DTensor), "load_base_weights expects an FSDP2-sharded model"
         self.param = param
         experts, rows, cols = expert_shapes(module)[attr]
-        self.start, self.stop = local_row_range(experts, param.device_mesh, param.placements)
+        self.start, self.stop = _param_rows(param, experts)
         self.local_pieces = [piece for piece in pieces if self.start <= piece.expert < self.stop]
         self.parts = 1 + max(piece.part for piece in pieces)
         self.quantized = param.dtype == torch.uint8
@@ -217,11 +218,9 @@ class _LocalExperts:
 
     def install(self) -> None:
         assert not self.pending, "an expert's parts were not all read"
-        param = self.param
-        sharded = DTensor.from_local(self.local, param.device_mesh, param.placements, run_check=False,
-                                     shape=param.shape, stride=param.stride())
+        loaded = _frozen_param(self.local, self.param)
         for module, attr in self.holders:
-            setattr(module, attr, nn.Parameter(sharded, requires_grad=False))
+            setattr(module, attr, loaded)
 
 
 def local_weight_bytes(model: nn.Module) -> int:
@@ -247,13 +246,27 @@ def checkpoint_layout_of(model: nn.Module, model_dir: Path, targets=None) -> Che
 def _local_rows(entry, holder: tuple[nn.Module, str]) -> RowRange:
     module, attr = holder
     param = getattr(module, attr)
-    assert isinstance(param, DTensor), "load_base_weights expects an FSDP2-sharded model"
     quantized = isinstance(module, NF4Linear) and attr == "weight"  # stored packed: check the logical shape
     expected = (module.out_features, module.in_features) if quantized else tuple(param.shape)
     if expected != entry.shape:
         raise ConfigError(f"{entry.file.name}: {entry.name} has shape {entry.shape}, the model's config.json "
                          f"gives {expected}: the checkpoint does not match its config.json")
-    return RowRange(entry, *local_row_range(entry.rows, param.device_mesh, param.placements))
+    return RowRange(entry, *_param_rows(param, entry.rows))
+
+
+def _param_rows(param: torch.Tensor, rows: int) -> tuple[int, int]:
+    """The rows of dim 0 this rank holds of `param`: its FSDP2 shard's, or all of them for a
+    parameter FSDP2 does not manage (replicated frozen weights)."""
+    return local_row_range(rows, param.device_mesh, param.placements) if isinstance(param, DTensor) else (0, rows)
+
+
+def _frozen_param(local: torch.Tensor, placeholder: torch.Tensor) -> nn.Parameter:
+    """This rank's loaded rows as the parameter that replaces `placeholder`: a DTensor shard laid
+    out like it, or the plain tensor itself where the placeholder is one."""
+    if isinstance(placeholder, DTensor):
+        local = DTensor.from_local(local, placeholder.device_mesh, placeholder.placements, run_check=False,
+                                   shape=placeholder.shape, stride=placeholder.stride())
+    return nn.Parameter(local, requires_grad=False)
 
 
 def _install_local_rows(module: nn.Module, attr: str, read: RowRange, rows: torch.Tensor,
@@ -267,13 +280,13 @@ def _install_local_rows(module: nn.Module, attr: str, read: RowRange, rows: torc
         local = quantize_nf4_rows(rows.to(STORAGE_DTYPE), compute_dtype, _absmax_gather(param), first_block)
     else:
         local = rows.to(param.dtype)
-    sharded = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                 stride=param.stride())
-    setattr(module, attr, nn.Parameter(sharded, requires_grad=False))
+    setattr(module, attr, _frozen_param(local, param))
 
 
-def _absmax_gather(param: DTensor):
+def _absmax_gather(param: torch.Tensor):
     """All-gather over the mesh dims that split this parameter's rows (None: this rank has them all)."""
+    if not isinstance(param, DTensor):
+        return None
     dims = [dim for dim, p in enumerate(param.placements) if isinstance(p, Shard) and p.dim == 0
             and param.device_mesh.size(dim) > 1]
     if not dims:
