@@ -47,7 +47,7 @@ SHARDING_TYPES = ("auto", "fsdp", "hsdp", "ddp")
 DATASET_FORMATS = ("auto", "instruction", "chat", "text")
 TRUNCATION_MODES = ("truncate", "drop")
 COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
-FSDP_UNITS = ("layer", "model")
+FSDP_UNITS = ("auto", "layer", "model")
 DEFAULT_TARGET_MODULES = ["all-linear"]  # every linear of every decoder layer (peft/targets.py)
 
 
@@ -150,13 +150,16 @@ class TrainConfig:
                              "memory, copied to the GPU per layer (CUDA only)")
     reshard_after_forward: bool = _opt(True, "free each layer's all-gathered weights after its forward (and gather "
                                        "again in backward); --no-reshard-after-forward trades memory for speed")
-    dequantize_once: bool = _opt(False, "keep each NF4 weight's dequantized copy from forward for backward instead of "
-                                 "dequantizing it again: one dequantization per weight and step, for the memory "
-                                 "of every layer's weights in the compute dtype until backward")
-    fsdp_units: str = _opt("layer", "FSDP2 units: layer = one per decoder layer (gathered and freed layer by layer, "
+    dequantize_once: bool | None = _opt(None, "keep each NF4 weight's dequantized copy from forward for backward "
+                                        "instead of dequantizing it again: one dequantization per weight and step, "
+                                        "for the memory of every layer's weights in the compute dtype until "
+                                        "backward; unset (auto): on when the memory plan fits with it")
+    fsdp_units: str = _opt("auto", "FSDP2 units: layer = one per decoder layer (gathered and freed layer by layer, "
                            "communication overlapped with compute); model = the layers in the root's unit (one "
-                           "all-gather and one gradient reduction per step, the whole model gathered: small models)",
-                           choices=FSDP_UNITS)
+                           "all-gather and one gradient reduction per step, the whole model gathered); auto = "
+                           "model when the memory plan fits with it, else layer", choices=FSDP_UNITS)
+    compile: bool = _opt(False, "torch.compile each decoder layer's forward (inductor, CPU and GPU): fused elementwise "
+                         "work, less per-op overhead; the first steps are slower while it compiles")
     plan: bool = _opt(False, "print the per-GPU memory plan for these settings and exit without loading weights")
     gpu_memory_gib: float = _opt(0.0, "GPU memory per device for --plan and the fit warning; 0 = the device's own "
                                  "(24 on a machine without a GPU)")
@@ -302,13 +305,13 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     for f in config_fields():
         tp = _field_type(f)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = ",".join(default) if isinstance(default, list) else default
+        shown = ",".join(default) if isinstance(default, list) else "auto" if default is None else default
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,  # so only flags actually given override YAML/alias values
             "help": f"{f.metadata['help']} (default: {shown!r})",
         }
-        if tp is bool:
+        if tp in (bool, bool | None):  # bool | None: unset means auto (the field's help says what decides)
             kwargs["action"] = argparse.BooleanOptionalAction
         elif _is_list(tp):
             kwargs["nargs"] = "+"
@@ -326,11 +329,16 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if _is_list(tp):
             return _parse_list(value)
-        if tp is bool and not isinstance(value, bool):
-            raise TypeError
+        if tp == bool | None and value in (None, "auto"):
+            return None
+        if tp in (bool, bool | None):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
         value = tp(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+        expected = "true, false or auto" if tp == bool | None else getattr(tp, "__name__", tp)
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}") from None
     choices = f.metadata["choices"]
     if choices and value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
@@ -386,10 +394,10 @@ def config_reference_markdown() -> str:
     for f in config_fields():
         tp = _field_type(f)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = ", ".join(default) if isinstance(default, list) else repr(default)
-        type_name = "list of names" if _is_list(tp) else getattr(tp, "__name__", str(tp))
+        shown = ", ".join(default) if isinstance(default, list) else "auto" if default is None else repr(default)
+        type_name = "list of names" if _is_list(tp) else "bool or auto" if tp == bool | None else getattr(tp, "__name__", str(tp))
         choices = f.metadata["choices"]
         meaning = f.metadata["help"] + (f" (one of: {', '.join(choices)})" if choices else "")
-        flag = f"`--{_flag(f.name)}`" + (f" / `--no-{_flag(f.name)}`" if tp is bool else "")
+        flag = f"`--{_flag(f.name)}`" + (f" / `--no-{_flag(f.name)}`" if tp in (bool, bool | None) else "")
         lines.append(f"| {flag} | `{f.name}` | {type_name} | `{shown}` | {meaning.replace('|', '/')} |")
     return "\n".join(lines) + "\n"

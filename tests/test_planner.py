@@ -7,14 +7,25 @@ import pytest
 
 from fsdp_qlora.model.tiny_llama import TINY_LLAMA_CONFIG, generate_llama
 from fsdp_qlora.train.plan_advice import auto_plan, describe_options
-from fsdp_qlora.train.planner import GIB, KNOWN_CONFIGS, Geometry, Options, plan_memory, static_bytes
+from fsdp_qlora.train.planner import (
+    GIB,
+    KNOWN_CONFIGS,
+    Geometry,
+    Options,
+    choose_speed_options,
+    plan_memory,
+    static_bytes,
+)
 from tests.conftest import REPO, run_python, run_torchrun, subprocess_env
 
 
 def options(**settings) -> Options:
     """The planner's view of TrainConfig(**settings) on 2 ranks (or world_size=N), at context 2048
-    and batch 1 unless given: the 70B-scale figures below are about that shape of run."""
-    return Options.of(**{"world_size": 2, "context_length": 2048, "batch_size": 1, **settings})
+    and batch 1 unless given: the 70B-scale figures below are about that shape of run. The speed
+    options default to the plain schedule (a unit per layer, dequantizing twice), not auto: each
+    test below is about one part of the plan (`test_speed_options_auto_*` is about auto)."""
+    return Options.of(**{"world_size": 2, "context_length": 2048, "batch_size": 1, "fsdp_units": "layer",
+                         "dequantize_once": False, **settings})
 
 
 WIDER = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2, "num_attention_heads": 8,
@@ -147,6 +158,25 @@ def test_only_lm_head_stays_gathered_and_the_embedding_gather_can_set_the_peak()
     assert short.parts["activations"] == 0 and short.peak == sum(short.parts.values())
     tied = plan_memory({**config, "tie_word_embeddings": True}, options(context_length=64, cpu_offload=True))
     assert "embeddings_at_forward_start" not in tied.parts and tied.parts["root_unsharded"] == vocab * hidden * 2 + hidden * 2
+
+
+def test_speed_options_auto_take_the_fastest_schedule_that_fits():
+    """--fsdp-units auto / unset --dequantize-once: the model unit and dequantizing once where the plan
+    fits with them (small models), per-layer units and dequantizing twice where it does not (70B on
+    two 24 GB cards); a setting the user gave is kept, and the plan reports what it decided."""
+    auto = {"fsdp_units": "auto", "dequantize_once": None}
+    small = plan_memory(KNOWN_CONFIGS["smollm2-135m"], options(**auto))
+    assert (small.options.fsdp_units, small.options.dequantize_once) == ("model", True)
+    assert "--fsdp-units model --dequantize-once" in describe_options(small.options)
+    big = options(**auto, activation_checkpointing=True, cpu_offload=True)
+    chosen = choose_speed_options(KNOWN_CONFIGS["llama-70b"], big, 24 * GIB)
+    assert chosen.fsdp_units == "layer"  # the gathered 35 GB of NF4 fits no 24 GB card
+    whole = plan_memory(KNOWN_CONFIGS["llama-70b"], big.replace(fsdp_units="model", dequantize_once=False))
+    assert not whole.fits(24 * GIB) and plan_memory(KNOWN_CONFIGS["llama-70b"], chosen).fits(24 * GIB)
+    no_ac = options(**auto, context_length=4096, batch_size=2)  # 8B, every layer's dense weights kept: 15 GB
+    assert choose_speed_options(KNOWN_CONFIGS["llama-3-8b"], no_ac, 24 * GIB).dequantize_once is False
+    kept = choose_speed_options(KNOWN_CONFIGS["smollm2-135m"], options(fsdp_units="layer", dequantize_once=None))
+    assert (kept.fsdp_units, kept.dequantize_once) == ("layer", True)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])

@@ -16,14 +16,20 @@ def _losses(rows: list[dict]) -> list[float]:
     return [row["loss"] for row in rows if "loss" in row]
 
 
+# The plainest schedule: a unit per layer, each NF4 weight dequantized in forward and again in backward.
+PLAIN = ["--fsdp-units", "layer", "--no-dequantize-once"]
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory) -> list[float]:
     root = tmp_path_factory.mktemp("plain")
-    return _losses(train_metrics(root / "run", root / "cache", *FLAGS))
+    return _losses(train_metrics(root / "run", root / "cache", *FLAGS, *PLAIN))
 
 
-@pytest.mark.parametrize("option", [["--fsdp-units", "model"], ["--fsdp-units", "model", "--sharding", "ddp"],
-                                    ["--dequantize-once"]])
+@pytest.mark.parametrize("option", [["--fsdp-units", "model", "--no-dequantize-once"],
+                                    ["--fsdp-units", "layer", "--dequantize-once"],
+                                    ["--fsdp-units", "model", "--sharding", "ddp"],
+                                    []])  # the defaults: auto, which the planner resolves to the model unit + once here
 def test_scheduling_options_train_bit_for_bit_the_same(plain, option, tmp_path):
     """FSDP units change when parameters are gathered and gradients reduced;
     --dequantize-once reuses forward's dequantized weight in backward, the same bytes dequantized

@@ -29,12 +29,17 @@ class _NF4Matmul(torch.autograd.Function):
         # `dense`: the weight already dequantized by the caller (DoRA needs it for its norm too),
         # so one forward dequantizes once.
         dense = weight.dequantize(x.dtype) if dense is None else dense
-        ctx.weight, ctx.dense = weight, dense if keep else None
+        ctx.weight = weight
+        # Saved as a tensor for backward, not held as an attribute: activation checkpointing then
+        # drops it with the layer's other activations (recomputing it with them) and activation
+        # offloading moves it, so a checkpointed layer keeps no dequantized weight until backward.
+        ctx.save_for_backward(dense if keep else None)
         return F.linear(x, dense, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        dense = ctx.dense if ctx.dense is not None else ctx.weight.dequantize(grad_output.dtype)
+        (kept,) = ctx.saved_tensors
+        dense = kept if kept is not None else ctx.weight.dequantize(grad_output.dtype)
         return grad_output @ dense, None, None, None, None
 
 

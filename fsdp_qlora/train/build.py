@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from fsdp_qlora.config import QUANTIZED_TRAIN_TYPES, TrainConfig
 from fsdp_qlora.distributed.env import DistEnv
-from fsdp_qlora.distributed.sharding import shard_model, shard_size
+from fsdp_qlora.distributed.sharding import frozen_replication, shard_model, shard_size
 from fsdp_qlora.model.loader import (
     STORAGE_DTYPE,
     checkpoint_layout_of,
@@ -29,7 +29,9 @@ from fsdp_qlora.peft.apply import ADAPTER_LAYERS, apply_lora, init_lora_paramete
 from fsdp_qlora.peft.dora import init_dora_magnitudes
 from fsdp_qlora.peft.spec import AdapterSpec
 from fsdp_qlora.peft.targets import count_by_name
+from fsdp_qlora.train.compile import compile_layers
 from fsdp_qlora.train.memory import apply_activation_memory_options, fsdp_options
+from fsdp_qlora.train.plan_advice import resolve_speed_options
 from fsdp_qlora.train.precision import resolve_compute_dtype
 
 
@@ -44,6 +46,10 @@ def check_model(model_dir: Path, cfg: TrainConfig) -> None:
 
 
 def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> nn.Module:
+    cfg = resolve_speed_options(cfg, model_dir, shard_size(mesh), env.device)  # --fsdp-units auto, --dequantize-once
+    if env.is_main:
+        print(f"fsdp units: {cfg.fsdp_units}, dequantize {'once' if cfg.dequantize_once else 'twice'} per step",
+              flush=True)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     model = meta_model(config, STORAGE_DTYPE, cfg.trust_remote_code)  # refuses what cannot load, in one line
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, env.device)
@@ -57,9 +63,11 @@ def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> 
     if env.is_main:
         print(f"adapters on {len(adapted)} modules: {count_by_name(adapted)}", flush=True)
     _materialize_adapters(model, env.device, cfg.seed)
+    if cfg.compile:
+        compile_layers(decoder_layers(model))  # inside the memory options' wrappers (train/compile.py)
     apply_activation_memory_options(decoder_layers(model), cfg)  # checkpointing / offload (train/memory.py)
     shard_model(model, mesh, param_dtype=compute_dtype, fsdp_options=fsdp_options(cfg),
-                per_layer_units=cfg.fsdp_units == "layer")
+                per_layer_units=cfg.fsdp_units == "layer", replicate_frozen=frozen_replication(mesh, cfg.cpu_offload))
     load_base_weights(model, model_dir, env.device, cfg.load_workers, compute_dtype)
     init_dora_magnitudes(model)  # DoRA's m = row norms of the loaded base; each rank its own rows
     return model

@@ -3,12 +3,23 @@ the fit warning before a GPU run); the estimate itself is train/planner.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from fsdp_qlora.train.planner import FRAGMENTATION, GIB, Options, Plan, load_model_config, plan_memory
+from fsdp_qlora.train.planner import (
+    FRAGMENTATION,
+    GIB,
+    SPEED_CANDIDATES,
+    Options,
+    Plan,
+    choose_speed_options,
+    gpu_bytes_for,
+    load_model_config,
+    plan_memory,
+)
 
 # ---- choosing options --------------------------------------------------------------------------
 # (overrides, relative step time): ordered by slowdown, the first that fits is the cheapest.
@@ -62,6 +73,10 @@ def describe_options(opt: Options) -> str:
         flags.append("--cpu-offload")
     if not opt.reshard_after_forward:
         flags.append("--no-reshard-after-forward")
+    if opt.fsdp_units != "auto":  # decided (plan_memory decides auto); shown so that the line can be reused
+        flags.append(f"--fsdp-units {opt.fsdp_units}")
+    if opt.dequantize_once is not None and opt.quantized:
+        flags.append("--dequantize-once" if opt.dequantize_once else "--no-dequantize-once")
     return " ".join(flags)
 
 
@@ -80,18 +95,6 @@ def format_plan(plan: Plan, gpu_bytes: int, title: str = "") -> str:
     if plan.host:
         lines.append("  host memory per rank: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in plan.host.items()))
     return "\n".join(lines)
-
-
-def gpu_bytes_for(cfg_gib: float, device=None) -> int:
-    if cfg_gib > 0:
-        return int(cfg_gib * GIB)
-    import torch
-
-    if device is not None and getattr(device, "type", None) == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    return 24 * GIB
 
 
 def advice(config: dict[str, Any], opt: Options, gpu_bytes: int) -> str:
@@ -129,6 +132,23 @@ def report_plan(cfg, world_size: int, nodes: int | None = None, auto: bool = Fal
     elif not plan.fits(gpu):
         print("  " + advice(config, opt, gpu))
     return 0
+
+
+def resolve_speed_options(cfg, model_dir, shard_ranks: int, device):
+    """A copy of the TrainConfig with --fsdp-units auto and an unset --dequantize-once decided for this
+    run by the memory plan (`planner.choose_speed_options`, on the GPU's memory or --gpu-memory-gib);
+    for an architecture the planner does not model, the memory-frugal settings (per-layer units,
+    dequantizing twice)."""
+    if cfg.fsdp_units != "auto" and cfg.dequantize_once is not None:
+        return cfg
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        chosen = choose_speed_options(config, Options(cfg, shard_ranks), gpu_bytes_for(cfg.gpu_memory_gib, device))
+        units, once = chosen.fsdp_units, chosen.dequantize_once
+    except (KeyError, ValueError, OSError):
+        units, once = SPEED_CANDIDATES[-1]
+    return dataclasses.replace(cfg, fsdp_units=units if cfg.fsdp_units == "auto" else cfg.fsdp_units,
+                               dequantize_once=once if cfg.dequantize_once is None else cfg.dequantize_once)
 
 
 def warn_if_plan_does_not_fit(cfg, model_dir, shard_ranks: int, device) -> None:

@@ -367,12 +367,51 @@ def gathered_layer_bytes(geo: Geometry, opt: Options) -> int:
     return sum(o * i * 2 for o, i in geo.linears().values()) + sum(e * o * i * 2 for e, o, i in geo.layer_experts.values())
 
 
+def gpu_bytes_for(cfg_gib: float, device=None) -> int:
+    """The memory one rank may plan for: --gpu-memory-gib, else the GPU's own, else 24 GiB (a
+    machine without a GPU plans for the project's reference card)."""
+    if cfg_gib > 0:
+        return int(cfg_gib * GIB)
+    import torch
+
+    if device is not None and getattr(device, "type", None) == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return 24 * GIB
+
+
+# --fsdp-units auto / --dequantize-once unset: the faster settings first. Both trade memory for speed
+# (docs/benchmarks.md, 2-rank SmolLM2-135M on CPU: model unit 1.4x, dequantizing once +15%); the
+# model unit first, since it saves per-layer collectives and hooks on every layer.
+SPEED_CANDIDATES = (("model", True), ("model", False), ("layer", True), ("layer", False))
+
+
+def choose_speed_options(config: dict[str, Any], opt: Options, budget: int | None = None) -> Options:
+    """`opt` with --fsdp-units auto and an unset --dequantize-once decided: the first of
+    `SPEED_CANDIDATES` (keeping whatever the user set) whose plan fits `budget` bytes (default: the
+    GPU's, `gpu_bytes_for`); the frugal end (per-layer units, dequantizing twice) when none does."""
+    if opt.fsdp_units != "auto" and opt.dequantize_once is not None:
+        return opt
+    budget = gpu_bytes_for(opt.gpu_memory_gib) if budget is None else budget
+    candidates = [opt.replace(fsdp_units=units, dequantize_once=once) for units, once in SPEED_CANDIDATES
+                  if opt.fsdp_units in ("auto", units) and opt.dequantize_once in (None, once)]
+    for candidate in candidates:
+        if plan_memory(config, candidate).fits(budget):
+            return candidate
+    return candidates[-1]
+
+
 def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
+    opt = choose_speed_options(config, opt)
     geo = Geometry.from_config(config)
     static = static_bytes(geo, opt)
     tokens = opt.batch_size * opt.context_length
     w = opt.world_size
-    layer_full = gathered_layer_bytes(geo, opt)
+    # With no parameter split (one rank, or --sharding ddp) the frozen weights are not FSDP2's: they
+    # are never gathered, only the adapters are (distributed/sharding.py: frozen_replication).
+    replicated = w == 1 and not opt.cpu_offload
+    layer_full = 0 if replicated else gathered_layer_bytes(geo, opt)
     # one weight dequantized per matmul: a linear's, or one expert's (the experts loop frees each);
     # a bf16 base is gathered as is, nothing to dequantize
     weights = [*geo.linears().values(), *((o, i) for _, o, i in geo.layer_experts.values())]
@@ -395,8 +434,8 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
                               + layer_adapter * 4)  # one layer's unsharded fp32 adapter grads
     # The root (lm_head + final norm; the embedding too when tied) stays gathered from forward to
     # the end of backward. Untied embeddings are their own unit, gathered only around the lookup.
-    vocab_matrix = geo.vocab * geo.hidden * 2  # one bf16 embedding or lm_head weight
-    parts["root_unsharded"] = vocab_matrix + geo.hidden * 2
+    vocab_matrix = 0 if replicated else geo.vocab * geo.hidden * 2  # one bf16 embedding or lm_head weight, gathered
+    parts["root_unsharded"] = vocab_matrix + (0 if replicated else geo.hidden * 2)
     embeddings_gathered = 0 if geo.tied else vocab_matrix
     per_layer = activation_bytes_per_token_layer(geo, opt)
     boundary = 2 * geo.hidden  # a checkpointed layer keeps only its bf16 input

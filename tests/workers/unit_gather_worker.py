@@ -20,7 +20,7 @@ from fsdp_qlora.train.build import build_qlora_model
 
 
 def observe(model_dir: Path, env, mesh) -> dict:
-    model = build_qlora_model(model_dir, TrainConfig(model=str(model_dir)), env, mesh)
+    model = build_qlora_model(model_dir, TrainConfig(model=str(model_dir), fsdp_units="layer"), env, mesh)
     seen = {}
 
     def record(moment):
