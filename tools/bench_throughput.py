@@ -4,9 +4,11 @@
         [--model tiny-llama] [--batch-size 4] [--context-length 256] [--repeats 2] [--json out.json]
 
 Ours (``--ours``): ``torchrun --standalone --nproc_per_node N train.py ...`` (N ranks, one thread
-each, as torchrun sets it); its tokens/s is read from the run's metrics.jsonl. ``ours-ddp`` is the
-same command with ``--sharding ddp`` (base weights replicated, no all-gathers): a diagnostic row
-that separates FSDP2's communication from the rest of our step.
+each, as torchrun sets it); its tokens/s is read from the run's metrics.jsonl. ``ours`` is the plain
+command (FSDP2 sharding the NF4 base over the N ranks), ``ours-ddp`` the same with ``--sharding ddp``
+(the NF4 base replicated, only the adapters' gradients all-reduced): our two layouts. ``-compile``
+adds ``--compile``; ``ours-layer-units`` pins the schedule the defaults had before the planner chose
+it (a unit per layer, dequantizing twice), for before/after comparisons.
 
 Peers: ``get_peft_model`` on the same model directory with a plain training loop (the leanest
 HF setup; the Trainer only adds overhead), the same data pipeline and tokenization
@@ -18,6 +20,8 @@ clipping, bf16 base weights. Variants (``--peers``):
 * ``nf4``      the same on a bitsandbytes 4-bit NF4 base with double quantization (QLoRA)
 * ``bf16-ddp`` / ``nf4-ddp``   N processes x 1 thread under torchrun + DDP (gloo), batch B each:
   the same process layout as ours
+* ``bf16-ddp-compile`` / ``nf4-ddp-compile``   the same under ``torch.compile(DDP(model))``; a peer
+  that cannot compile (bitsandbytes' 4-bit layers fail in inductor on CPU) shows as skipped, with why
 
 On a CUDA machine ours and the ``-ddp`` peers run one rank per GPU (NCCL) and the single-process
 peers are skipped (one process would get one GPU where ours gets N); that path is untested so far.
@@ -50,11 +54,13 @@ from fsdp_qlora.peft.targets import peft_target_modules
 REPO = Path(__file__).resolve().parents[1]
 
 PEERS = {
-    # name: (base, layout, description)
+    # name: (base, layout, description); a "-compile" peer is the same under torch.compile
     "bf16": ("bf16", "single", "HF PEFT LoRA, bf16 base"),
     "nf4": ("nf4", "single", "HF PEFT QLoRA, bnb NF4 base"),
     "bf16-ddp": ("bf16", "ddp", "HF PEFT LoRA, bf16 base, DDP"),
     "nf4-ddp": ("nf4", "ddp", "HF PEFT QLoRA, bnb NF4 base, DDP"),
+    "bf16-ddp-compile": ("bf16", "ddp", "HF PEFT LoRA, bf16 base, DDP, torch.compile"),
+    "nf4-ddp-compile": ("nf4", "ddp", "HF PEFT QLoRA, bnb NF4 base, DDP, torch.compile"),
 }
 DEFAULT_PEERS = "bf16,nf4,bf16-ddp,nf4-ddp"
 
@@ -92,11 +98,11 @@ OURS = {
     # name: (extra train.py flags, description)
     "ours": ((), "ours: FSDP2 QLoRA, NF4Tensor base"),
     "ours-ddp": (("--sharding", "ddp"), "ours --sharding ddp"),
-    # one-off comparisons of single options, e.g. --ours ours,ours-model-unit (not in the default set)
-    "ours-layer-units": (("--fsdp-units", "layer"), "ours --fsdp-units layer"),
-    "ours-model-unit": (("--fsdp-units", "model"), "ours --fsdp-units model"),
-    "ours-ddp-model-unit": (("--sharding", "ddp", "--fsdp-units", "model"), "ours --sharding ddp --fsdp-units model"),
-    "ours-dequantize-once": (("--dequantize-once",), "ours --dequantize-once"),
+    "ours-compile": (("--compile",), "ours --compile"),
+    "ours-ddp-compile": (("--sharding", "ddp", "--compile"), "ours --sharding ddp --compile"),
+    # the schedule the defaults had before the planner chose it (issue 16): a unit per layer,
+    # every NF4 weight dequantized in forward and again in backward
+    "ours-layer-units": (("--fsdp-units", "layer", "--no-dequantize-once"), "ours, per-layer units, dequantizing twice"),
 }
 
 
@@ -134,6 +140,7 @@ def run_peer(name: str, args, config: dict, model_dir: Path, workdir: Path) -> d
     threads = args.nproc if layout == "single" else 1
     # One JSON argument: torchrun's own parser would take e.g. --nproc as an abbreviation of its flags.
     spec = {"base": base, "out": str(out), "model_dir": str(model_dir), "config": config, "threads": threads,
+            "compile": name.endswith("-compile"),
             "steps": args.steps, "batch_size": args.batch_size, "nproc": args.nproc,
             "context_length": args.context_length}
     worker = [str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
@@ -196,6 +203,8 @@ def worker_main(spec: dict) -> int:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+    if spec["compile"]:  # compile(DDP(model)): DDP's documented order (graphs split at its buckets)
+        model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.999))
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg["warmup_steps"], spec["steps"])
@@ -212,11 +221,20 @@ def worker_main(spec: dict) -> int:
     stream = batches()
     step_seconds, tokens, positions, losses = [], [], [], []
     model.train()
-    for _ in range(spec["steps"]):
+    for step in range(spec["steps"]):
         started = time.perf_counter()
         batch = {k: v.to(device) for k, v in next(stream).items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    use_cache=False)
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        use_cache=False)
+        except Exception as err:  # e.g. torch.compile of bitsandbytes' 4-bit layers (docs/benchmarks.md)
+            if step or not spec["compile"]:
+                raise
+            if rank == 0:
+                first_line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+                Path(spec["out"]).write_text(json.dumps({"skipped": f"torch.compile fails: {type(err).__name__}: "
+                                                                    f"{first_line[:160]}"}))
+            return 0
         out.loss.backward()
         if cfg["max_grad_norm"] > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
@@ -367,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"comma-separated subset of {', '.join(PEERS)}")
     parser.add_argument("--ours", default="ours,ours-ddp",
-                        help="our variants: 'ours' (the plain command) and/or 'ours-ddp' (--sharding ddp)")
+                        help=f"comma-separated subset of {', '.join(OURS)}")
     parser.add_argument("--repeats", type=int, default=1, help="run the whole set this many times in turn")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
     parser.add_argument("--json", default="", help="also write the results here")
