@@ -116,14 +116,16 @@ def test_rows_are_the_same_whichever_range_draws_them(monkeypatch):
 
 
 def test_two_rank_training_run_without_a_checkpoint(tmp_path):
-    """train.py end to end on 2 ranks with --synthetic-weights: the stand-in directory holds a config and
-    a tokenizer and no weights, the run trains and exports its adapter."""
+    """train.py end to end on 2 ranks with --synthetic-weights and --dataset synthetic: the stand-in
+    directory holds a config and a tokenizer and no weights; every step sees full rows (2 ranks x 1 x 64
+    tokens); the run exports its adapter."""
     cache = tmp_path / "cache"
     rows = train_metrics(tmp_path / "run", cache, "--synthetic-weights", "--model", "qwen-2.5-0.5b",
-                         "--max-steps", "2", "--batch-size", "1", "--context-length", "64", "--packing",
+                         "--dataset", "synthetic", "--max-steps", "3", "--batch-size", "1", "--context-length", "64",
                          "--lora-target-modules", "q_proj", "--save-every", "0", timeout=300)
-    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
-    assert all(row["loss"] == row["loss"] for row in rows if "loss" in row)
+    steps = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3] and all(row["loss"] == row["loss"] for row in steps)
+    assert all(row["tokens_per_sec"] > 0 for row in steps)
     made = next(cache.glob("synthetic-qwen-2.5-0.5b-*"))
     assert sorted(p.name for p in made.glob("*.safetensors")) == [] and (made / "config.json").is_file()
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
@@ -157,3 +159,23 @@ def test_plan_is_the_same_with_synthetic_weights(tmp_path):
     fake = run_python(*args, "--synthetic-weights", env=subprocess_env(tmp_path), timeout=120)
     assert real.returncode == fake.returncode == 0 and "peak allocated" in real.stdout
     assert real.stdout == fake.stdout
+
+
+def test_synthetic_dataset_rows_fill_the_context(tmp_path, monkeypatch):
+    """--dataset synthetic: every row exactly --context-length tokens, loss on all but bos, rows for two
+    optimizer steps of the launch (WORLD_SIZE x batch x accumulation) per epoch, the same for every rank."""
+    from fsdp_qlora.data.pipeline import build_train_data
+    from fsdp_qlora.data.prepare import column
+    from fsdp_qlora.data.sources import synthetic_text
+    from fsdp_qlora.model.tiny_llama import train_tokenizer, training_texts
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = TrainConfig(dataset="synthetic", context_length=96, batch_size=2, grad_accum_steps=2)
+    data = build_train_data(cfg, train_tokenizer(training_texts(), 1024, 4096))
+    lengths = column(data.rows, "length")
+    assert len(data.rows) == 2 * 3 * 2 * 2 and (lengths == 96).all()
+    assert all(sum(label != -100 for label in row) == 95 for row in data.rows["labels"])
+    assert synthetic_text(cfg)["text"] == synthetic_text(cfg)["text"]  # seeded: every rank prepares the same
+    assert synthetic_text(cfg)["text"] != synthetic_text(TrainConfig(dataset="synthetic", context_length=96,
+                                                                     batch_size=2, grad_accum_steps=2, seed=1))["text"]

@@ -11,8 +11,9 @@ Two halves:
   (model/registry.py), tiny-llama's, or a local ``config.json`` (a file, or a directory holding one).
   The tokenizer is that directory's own when it has one; otherwise the project's bundled byte-level BPE
   (tiny-llama's: 1024 tokens trained on the bundled data), whose ids fit any vocabulary at least that
-  large. Its tokens are shorter than a real tokenizer's, so to measure a context length, pack the data
-  (``--packing``): rows then fill ``--context-length`` as a real run's would.
+  large. Its tokens are shorter than a real tokenizer's, and the bundled data is small, so to measure
+  a context length use ``--dataset synthetic`` (data/sources.py): every row then fills
+  ``--context-length``, as a real run's rows would.
 * `fill_synthetic_weights` replaces `load_base_weights`: every frozen parameter gets this rank's rows,
   norm weights 1 (a 1-D ``weight``) and everything else (linears, experts, embeddings, lm_head, routers,
   biases) a normal of std ``initializer_range`` (transformers' init scale; 0.02 by default). The rows are

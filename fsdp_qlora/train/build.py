@@ -77,8 +77,9 @@ def _synthetic_note(cfg: TrainConfig) -> None:
     """Say once (rank 0) what a synthetic run's figures mean, before anything loads."""
     if os.environ.get("RANK", "0") != "0":
         return
-    rows = ("" if cfg.packing else "; rows are the data's own lengths: add --packing for rows that fill "
-            "--context-length, as the memory of a real run at that context needs")
+    rows = ("" if cfg.packing or cfg.dataset == "synthetic" else "; rows are the data's own lengths: use "
+            "--dataset synthetic (or --packing) for rows that fill --context-length, as a real run's memory at "
+            "that context needs")
     print(f"synthetic weights (seed {cfg.seed}): memory and speed are a real run's, the loss means nothing{rows}",
           flush=True)
 
