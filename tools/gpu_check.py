@@ -9,7 +9,9 @@ results go to OUT/gpu_check.md (a section appended per step) and OUT/gpu_check.j
 every step, the step in flight marked "running"), the processes' output to OUT/gpu_check.log. A
 worker writes each figure the moment it has it, so a step stopped at its limit still leaves what it
 measured. Every model is built with --synthetic-weights (fsdp_qlora/model/synthetic.py): no checkpoint,
-no download; the bitsandbytes peer likewise starts from transformers' random init.
+no download; the bitsandbytes peer likewise starts from transformers' random init. It needs the project's
+dependencies (bitsandbytes and datasets among them) and peft; a machine without them takes wheels
+(docs/benchmarks.md, GPU figures).
 
 Steps (status pass / fail (a check failed) / error / timeout / skipped, and seconds, for each):
 
@@ -249,9 +251,14 @@ def execute_run(run: Run, timeout_s: float, work: Path, dry: bool, report: Repor
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A worker's records; a line cut short by the kill at the time limit is left out."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def pytest_records(output: str) -> list[dict[str, Any]]:
@@ -343,7 +350,8 @@ def step_markdown(step: dict[str, Any]) -> str:
     for rows in tables.values():
         columns = list(dict.fromkeys(key for row in rows for key in row))
         lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-        lines += ["| " + " | ".join(str(row.get(column, "")) for column in columns) + " |" for row in rows]
+        lines += ["| " + " | ".join(str(row.get(column, "")).replace("|", "/") for column in columns) + " |"
+                  for row in rows]
         lines.append("")
     lines += [f"- {note}" for note in notes + step.get("notes", [])]
     for run in step["runs"]:
