@@ -24,7 +24,8 @@ Steps (status pass / fail (a check failed) / error / timeout / skipped, and seco
   activations where a rank keeps 80 (with activation offload only two layers' are on the GPU either way).
   The planner's difference Δ = plan(80 layers, 2 ranks) - plan(40 layers, 1 rank) is allocated as ballast
   from the second step on (the steady state) when positive, or added to the allocator's limit when
-  negative, so the run is held to what a rank would hold. Its error: Δ's static parts are exact (tests/test_planner.py); its modelled part, printed per run,
+  negative, so the run is held to what a rank would hold. Its error: Δ's static parts are exact
+  (tests/test_planner.py); its modelled part, printed per run,
   is the 40 missing layers' saved boundaries (batch x context x hidden in bf16 each) and the offload
   staging buffer, and the planner step checks the model of activations within 10% on this GPU, so the
   emulation errs by at most 10% of that part: ~0 with activation offload (two layers' boundaries on the
