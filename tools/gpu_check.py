@@ -25,11 +25,11 @@ Steps (status pass / fail (a check failed) / error / timeout / skipped, and seco
   The planner's difference Δ = plan(80 layers, 2 ranks) - plan(40 layers, 1 rank) is allocated as ballast
   from the second step on (the steady state) when positive, or added to the allocator's limit when
   negative, so the run is held to what a rank would hold. Its error: Δ's static parts are exact
-  (tests/test_planner.py); its modelled part, printed per run,
-  is the 40 missing layers' saved boundaries (batch x context x hidden in bf16 each) and the offload
-  staging buffer, and the planner step checks the model of activations within 10% on this GPU, so the
-  emulation errs by at most 10% of that part: ~0 with activation offload (two layers' boundaries on the
-  GPU either way), under 0.5 GiB at context 8192 without it (4.8 GiB of boundaries). Not emulated:
+  (tests/test_planner.py); its modelled part, printed per run, is the 40 missing layers' saved boundaries
+  (batch x context x hidden in bf16 each) and the offload staging buffer, and the planner step checks
+  the model of activations within 10% on this GPU, so the emulation errs by at most 10% of that part:
+  ~0 with activation offload (two layers' boundaries on the GPU either way), under 0.5 GiB at context
+  8192 without it (4.8 GiB of boundaries). Not emulated:
   NCCL's buffers (inside the 0.75 GiB overhead below) and the 2-rank all-gather latency (speed only).
   The process is capped with `torch.cuda.set_per_process_memory_fraction` to 24 GiB less the planner's
   0.75 GiB runtime overhead (CUDA context, workspaces, NCCL), as a 24 GB card leaves its allocator;
