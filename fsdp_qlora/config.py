@@ -55,7 +55,14 @@ DEFAULT_TARGET_MODULES = ["all-linear"]  # every linear of every decoder layer (
 class TrainConfig:
     # -- model and data --
     model: str = _opt("tiny-llama", "model alias (see docs), hub id, or local directory with config.json + *.safetensors")
-    dataset: str = _opt("sample", "'sample' (bundled), a local .json/.jsonl/.parquet/.csv/.txt file, a directory "
+    synthetic_weights: bool = _opt(False, "no checkpoint: build --model (an alias, tiny-llama or a local config.json) "
+                                   "from its config and fill the base with seeded random weights, quantized on "
+                                   "each rank: the real memory and speed of a configuration before downloading it "
+                                   "(the loss means nothing). Tokenizer: the config directory's own, else the "
+                                   "bundled one; with --dataset synthetic every row fills --context-length "
+                                   "(docs/memory.md)")
+    dataset: str = _opt("sample", "'sample' (bundled), 'synthetic' (seeded random text, every row --context-length "
+                        "tokens: memory and speed checks), a local .json/.jsonl/.parquet/.csv/.txt file, a directory "
                         "saved with datasets' save_to_disk, or a hub dataset id (docs/data.md)", on_resume=SAME_DATA)
     dataset_config: str = _opt("", "hub dataset config (subset) name, e.g. 'main'", on_resume=SAME_DATA)
     dataset_split: str = _opt("train", "split to train on (hub datasets and save_to_disk directories)", on_resume=SAME_DATA)

@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 def subprocess_env(tmp_cache: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+               OMP_NUM_THREADS="1",
+               # the repository first, then what the caller had (wheels carried to a GPU machine live there)
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
     if tmp_cache is not None:
         env["FSDP_QLORA_CACHE"] = str(tmp_cache)
     return env

@@ -1,6 +1,7 @@
 """--dataset -> a 🤗 datasets Dataset (or IterableDataset when streaming), and its eval split.
 
 'sample'           the bundled instruction file
+'synthetic'        seeded random text, every row at least --context-length tokens (memory and speed checks)
 *.json / *.jsonl   local files, read with datasets' json, parquet, csv and text builders
 *.parquet / *.csv
 *.txt              one example per line (column ``text``)
@@ -10,9 +11,12 @@ anything else      a hub dataset id, with --dataset-config and --dataset-split
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.data.file_check import file_problem
@@ -20,6 +24,8 @@ from fsdp_qlora.data.make_sample_data import SAMPLE_DATASET_PATH
 from fsdp_qlora.errors import ConfigError
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+SYNTHETIC = "synthetic"
+SYNTHETIC_STEPS = 2  # optimizer steps per epoch that --dataset synthetic makes rows for (epochs repeat)
 
 
 def _looks_local(name: str) -> bool:
@@ -31,6 +37,11 @@ def load_split(cfg: TrainConfig, split: str, streaming: bool = False) -> dataset
     name = cfg.dataset
     if name == "sample":
         return datasets.load_dataset("json", data_files=str(SAMPLE_DATASET_PATH), split=split, streaming=streaming)
+    if name == SYNTHETIC:
+        if split != "train":
+            raise ConfigError(f"--dataset synthetic has one split, 'train', not {split!r}: use --eval-fraction")
+        rows = synthetic_text(cfg)
+        return rows.to_iterable_dataset() if streaming else rows
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_saved(path, split, streaming)
@@ -54,6 +65,21 @@ def load_split(cfg: TrainConfig, split: str, streaming: bool = False) -> dataset
     except (FileNotFoundError, ConnectionError) as err:
         raise ConfigError(f"dataset {name!r} could not be loaded ({_first_line(err)}): pass a hub id that exists "
                           "(online, or in the datasets cache when offline) or a local file/directory") from None
+
+
+def synthetic_text(cfg: TrainConfig) -> datasets.Dataset:
+    """--dataset synthetic: rows of words drawn (seeded by --seed) from the bundled sample's, --context-length
+    words each. A word is at least one token, so after truncation every row is exactly --context-length tokens
+    with loss on all of them, whatever the tokenizer: the batches of a real run at that context (the memory
+    of --synthetic-weights runs; the loss means nothing). Rows for SYNTHETIC_STEPS optimizer steps of the
+    launch's ranks (WORLD_SIZE) per epoch, few so that tokenizing them stays quick at any scale; epochs
+    repeat (reshuffled)."""
+    rows_text = [json.loads(line) for line in SAMPLE_DATASET_PATH.read_text().splitlines() if line.strip()]
+    words = sorted({word for row in rows_text for value in row.values() for word in str(value).split()})
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    count = SYNTHETIC_STEPS * world * cfg.batch_size * cfg.grad_accum_steps
+    drawn = np.random.default_rng(cfg.seed).integers(0, len(words), size=(count, cfg.context_length))
+    return datasets.Dataset.from_dict({"text": [" ".join(words[i] for i in row) for row in drawn]})
 
 
 def _load_file(path: Path, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:

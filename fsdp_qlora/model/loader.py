@@ -161,7 +161,7 @@ def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
     targets = checkpoint_key_to_param(model)
     layout = checkpoint_layout_of(model, model_dir, targets)
     present = set(layout.plain) | set(layout.experts)
-    missing = sorted(set(targets) - present - _tied_keys(model, targets, present))
+    missing = sorted(set(targets) - present - tied_keys(model, targets, present))
     if missing:
         raise ConfigError(f"{model_dir} lacks weights for {', '.join(missing[:5])}"
                           f"{' ...' if len(missing) > 5 else ''}: the checkpoint does not match its config.json")
@@ -173,14 +173,14 @@ def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
         for (rows, local_rows), (_, job) in zip(read_ahead([rows for rows, _ in jobs], reader, READ_AHEAD_BYTES), jobs):
             if isinstance(job, str):
                 for module, attr in targets[job]:
-                    _install_local_rows(module, attr, rows, local_rows, device, compute_dtype)
+                    install_local_rows(module, attr, rows.start, local_rows, device, compute_dtype)
             else:
                 stack, piece = job
                 stack.add(piece, local_rows)
     for stack in stacks.values():
         stack.install()
-    _tie_missing(model, targets, present)
-    _check_all_loaded(model)
+    tie_missing(model, targets, present)
+    check_all_loaded(model)
 
 
 class _LocalExperts:
@@ -194,7 +194,7 @@ class _LocalExperts:
         param = getattr(module, attr)
         self.param = param
         experts, rows, cols = expert_shapes(module)[attr]
-        self.start, self.stop = _param_rows(param, experts)
+        self.start, self.stop = param_rows(param, experts)
         self.local_pieces = [piece for piece in pieces if self.start <= piece.expert < self.stop]
         self.parts = 1 + max(piece.part for piece in pieces)
         self.quantized = param.dtype == torch.uint8
@@ -218,9 +218,16 @@ class _LocalExperts:
 
     def install(self) -> None:
         assert not self.pending, "an expert's parts were not all read"
-        loaded = _frozen_param(self.local, self.param)
-        for module, attr in self.holders:
-            setattr(module, attr, loaded)
+        install_local(self.holders, self.local)
+
+
+def install_local(holders: list[tuple[nn.Module, str]], local: torch.Tensor) -> None:
+    """Make `local` (this rank's part, e.g. its whole experts) what every (module, attribute) in
+    `holders` holds: the shard of the sharded parameter, or the whole tensor of a replicated one."""
+    module, attr = holders[0]
+    loaded = _frozen_param(local, getattr(module, attr))
+    for module, attr in holders:
+        setattr(module, attr, loaded)
 
 
 def local_weight_bytes(model: nn.Module) -> int:
@@ -251,10 +258,10 @@ def _local_rows(entry, holder: tuple[nn.Module, str]) -> RowRange:
     if expected != entry.shape:
         raise ConfigError(f"{entry.file.name}: {entry.name} has shape {entry.shape}, the model's config.json "
                          f"gives {expected}: the checkpoint does not match its config.json")
-    return RowRange(entry, *_param_rows(param, entry.rows))
+    return RowRange(entry, *param_rows(param, entry.rows))
 
 
-def _param_rows(param: torch.Tensor, rows: int) -> tuple[int, int]:
+def param_rows(param: torch.Tensor, rows: int) -> tuple[int, int]:
     """The rows of dim 0 this rank holds of `param`: its FSDP2 shard's, or all of them for a
     parameter FSDP2 does not manage (replicated frozen weights)."""
     return local_row_range(rows, param.device_mesh, param.placements) if isinstance(param, DTensor) else (0, rows)
@@ -269,14 +276,16 @@ def _frozen_param(local: torch.Tensor, placeholder: torch.Tensor) -> nn.Paramete
     return nn.Parameter(local, requires_grad=False)
 
 
-def _install_local_rows(module: nn.Module, attr: str, read: RowRange, rows: torch.Tensor,
-                        device: torch.device, compute_dtype: torch.dtype) -> None:
+def install_local_rows(module: nn.Module, attr: str, start: int, rows: torch.Tensor,
+                       device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Install `rows` (rows `start`.. of the whole tensor, this rank's under FSDP2) as the local shard
+    of ``module.attr``, quantized to NF4 when it is an NF4Linear's weight."""
     param = getattr(module, attr)
     rows = rows.to(device)
     if isinstance(module, NF4Linear) and attr == "weight":
         # The same NF4 bytes at every world size: the ranks splitting this weight exchange their
         # first-level absmax so that double quantization sees the whole weight (model/nf4.py).
-        first_block = read.start * module.in_features // NF4_BLOCKSIZE
+        first_block = start * module.in_features // NF4_BLOCKSIZE
         local = quantize_nf4_rows(rows.to(STORAGE_DTYPE), compute_dtype, _absmax_gather(param), first_block)
     else:
         local = rows.to(param.dtype)
@@ -304,21 +313,21 @@ def _absmax_gather(param: torch.Tensor):
     return gather
 
 
-def _tied_keys(model: nn.Module, targets, present) -> set[str]:
+def tied_keys(model: nn.Module, targets, present) -> set[str]:
     """Keys a tied model's checkpoint may omit: lm_head.weight, which is the embedding."""
     if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         return set()
     return {key for key in targets if key not in present and key.endswith("lm_head.weight")}
 
 
-def _tie_missing(model: nn.Module, targets, loaded: set[str]) -> None:
+def tie_missing(model: nn.Module, targets, loaded: set[str]) -> None:
     """Checkpoints of tied models omit lm_head.weight: point it at the embedding."""
-    for key in _tied_keys(model, targets, loaded):
+    for key in tied_keys(model, targets, loaded):
         for module, attr in targets[key]:
             setattr(module, attr, model.get_input_embeddings().weight)
 
 
-def _check_all_loaded(model: nn.Module) -> None:
+def check_all_loaded(model: nn.Module) -> None:
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
                  or (isinstance(t, DTensor) and t.to_local().is_meta)]
     if leftovers:

@@ -49,9 +49,17 @@ def safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def resolve_model(name: str, cache_dir: str = "") -> Path:
-    """Alias / hub id / directory / .gguf -> a validated local directory (downloading or converting if needed)."""
+def resolve_model(name: str, cache_dir: str = "", synthetic: bool = False) -> Path:
+    """Alias / hub id / directory / .gguf -> a validated local directory (downloading or converting if needed).
+
+    `synthetic` (--synthetic-weights): a directory with the model's config.json and a tokenizer but no
+    weights, made from the alias' registry config or a local config.json, never downloaded
+    (model/synthetic.py)."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if synthetic:
+        from fsdp_qlora.model.synthetic import synthetic_model_dir
+
+        return synthetic_model_dir(name, cache)
     if name == "tiny-llama":
         from fsdp_qlora.model.tiny_llama import ensure_tiny_llama
 

@@ -7,6 +7,7 @@ FSDP2 sharding, then the weights (each rank its rows), then DoRA's magnitudes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from fsdp_qlora.model.loader import (
 )
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.structure import decoder_layers, meta_model
+from fsdp_qlora.model.synthetic import fill_synthetic_weights
 from fsdp_qlora.peft.apply import ADAPTER_LAYERS, apply_lora, init_lora_parameters
 from fsdp_qlora.peft.dora import init_dora_magnitudes
 from fsdp_qlora.peft.spec import AdapterSpec
@@ -42,7 +44,10 @@ def check_model(model_dir: Path, cfg: TrainConfig) -> None:
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     model = meta_model(config, STORAGE_DTYPE, cfg.trust_remote_code)
     apply_lora(model, AdapterSpec.from_config(cfg))  # on meta: only the target checks cost anything
-    checkpoint_layout_of(model, model_dir)
+    if cfg.synthetic_weights:
+        _synthetic_note(cfg)
+    else:  # a synthetic base has no checkpoint whose layout could disagree
+        checkpoint_layout_of(model, model_dir)
 
 
 def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> nn.Module:
@@ -68,9 +73,23 @@ def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> 
     apply_activation_memory_options(decoder_layers(model), cfg)  # checkpointing / offload (train/memory.py)
     shard_model(model, mesh, param_dtype=compute_dtype, fsdp_options=fsdp_options(cfg),
                 per_layer_units=cfg.fsdp_units == "layer", replicate_frozen=frozen_replication(mesh, cfg.cpu_offload))
-    load_base_weights(model, model_dir, env.device, cfg.load_workers, compute_dtype)
+    if cfg.synthetic_weights:  # seeded random rows, drawn and quantized on each rank (model/synthetic.py)
+        fill_synthetic_weights(model, env.device, cfg.seed, compute_dtype)
+    else:
+        load_base_weights(model, model_dir, env.device, cfg.load_workers, compute_dtype)
     init_dora_magnitudes(model)  # DoRA's m = row norms of the loaded base; each rank its own rows
     return model
+
+
+def _synthetic_note(cfg: TrainConfig) -> None:
+    """Say once (rank 0) what a synthetic run's figures mean, before anything loads."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    rows = ("" if cfg.packing or cfg.dataset == "synthetic" else "; rows are the data's own lengths: use "
+            "--dataset synthetic (or --packing) for rows that fill --context-length, as a real run's memory at "
+            "that context needs")
+    print(f"synthetic weights (seed {cfg.seed}): memory and speed are a real run's, the loss means nothing{rows}",
+          flush=True)
 
 
 def _materialize_adapters(model: nn.Module, device: torch.device, seed: int) -> None:

@@ -41,7 +41,7 @@ from fsdp_qlora.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, PreemptionFl
 
 def train(cfg: TrainConfig) -> Path:
     """Run one training job; returns the run directory. Every rank calls this."""
-    model_dir = resolve_model(cfg.model, cfg.model_cache_dir)  # validates before any weight loads
+    model_dir = resolve_model(cfg.model, cfg.model_cache_dir, cfg.synthetic_weights)  # validates before any weight loads
     check_model(model_dir, cfg)  # architecture and adapter targets, from config.json on the meta device
     env = init_distributed(timeout_s=cfg.collective_timeout_s, rdzv_timeout_s=cfg.rdzv_timeout_s)
     try:

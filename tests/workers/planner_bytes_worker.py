@@ -27,7 +27,11 @@ def held_bytes(model_dir: str, case: str, env, mesh) -> dict[str, int]:
     optimizer, rank, min_8bit, train_type = case.split(",")
     cfg = TrainConfig(model=model_dir, lora_rank=int(rank), optimizer=optimizer, min_8bit_size=int(min_8bit),
                       train_type=train_type)
-    model = build_qlora_model(Path(model_dir), cfg, env, mesh)
+    return bytes_by_part(build_qlora_model(Path(model_dir), cfg, env, mesh), cfg)
+
+
+def bytes_by_part(model, cfg: TrainConfig) -> dict[str, int]:
+    """This rank's bytes in the planner's static parts, counted on the model (and an optimizer step)."""
     figures = dict.fromkeys(("nf4_weights", "quant_constants", "frozen_bf16", "adapter_params", "adapter_grads",
                              "optimizer_state"), 0)
     for param in model.parameters():
