@@ -91,7 +91,7 @@ class TrainConfig:
     output_dir: str = _opt("", "run directory; default runs/<model>-<timestamp>")
     model_cache_dir: str = _opt("", "where generated/downloaded models live; default $FSDP_QLORA_CACHE or ~/.cache/fsdp_qlora")
     trust_remote_code: bool = _opt(False, "allow model code from the hub (off unless you ask)")
-    compute_dtype: str = _opt("bf16", "dtype of the matmuls and activations (NF4 dequantizes into it; adapters, grads "
+    compute_dtype: str = _opt("auto", "dtype of the matmuls and activations (NF4 dequantizes into it; adapters, grads "
                               "and optimizer stay fp32): auto = bf16 where the device has it natively, fp16 on "
                               "GPUs without (with dynamic loss scaling), fp32 on CPUs without (train/precision.py)",
                               choices=COMPUTE_DTYPES)

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import torch
 
+from fsdp_qlora.train.precision import resolve_compute_dtype
+
 QUANT_PARTS = ("packed", "absmax_q", "nested_absmax", "offset")
+# What our runs compute in by default here (--compute-dtype auto: bf16 on a CPU with native bf16, fp32
+# without), so that the oracles compute like-for-like on any machine the suite runs on.
+COMPUTE_DTYPE = resolve_compute_dtype("auto", torch.device("cpu"))
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -18,13 +23,17 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()
 
 
-def bnb_4bit_model(model_dir: Path):
-    """transformers' own class with bitsandbytes NF4 + double quantization, bf16 compute."""
+def bnb_4bit_model(model_dir: Path, dtype: torch.dtype = COMPUTE_DTYPE):
+    """transformers' own class with bitsandbytes NF4 + double quantization, computing in `dtype`.
+
+    The model loads in `dtype` (bf16 checkpoints upcast exactly for fp32), which bitsandbytes then
+    quantizes: the NF4 bytes of an fp32 upcast of bf16 weights are those of the bf16 weights
+    (checked by the byte comparisons), so the oracle's base is ours at every compute dtype."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.bfloat16).eval()
+                                bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=dtype).eval()
 
 
 def bnb_nf4_digests(model) -> dict[str, str]:
@@ -58,7 +67,7 @@ def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 
-def bnb_moe_reference(model_dir: Path):
+def bnb_moe_reference(model_dir: Path, dtype: torch.dtype = COMPUTE_DTYPE):
     """The MoE oracle: transformers' own class with its other linears in bitsandbytes 4-bit (as
     `bnb_4bit_model`; routers excluded, as we keep them), computing experts with transformers' eager
     loop, and each expert's 2-D weight replaced by bitsandbytes' ``dequantize_4bit(quantize_4bit(w))``
@@ -73,16 +82,16 @@ def bnb_moe_reference(model_dir: Path):
 
     model_type = AutoConfig.from_pretrained(model_dir).model_type
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16,
+                                bnb_4bit_compute_dtype=dtype,
                                 llm_int8_skip_modules=["lm_head", *ARCHITECTURES[model_type].router_modules])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.bfloat16,
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=dtype,
                                                  experts_implementation="eager").eval()
     digests = {}
     for index, layer in enumerate(decoder_layers(model)):
         for name, module in layer.named_modules():
             for param in expert_params(module):
                 weights = getattr(module, param)
-                assert weights.dtype == torch.bfloat16, "bitsandbytes left the experts in bf16"
+                assert weights.dtype == dtype, "bitsandbytes left the experts unquantized, in the model's dtype"
                 with torch.no_grad():
                     for expert in range(weights.shape[0]):
                         packed, state = bnbf.quantize_4bit(weights[expert].contiguous(), blocksize=64,

@@ -25,6 +25,7 @@ from tests.architectures import (
     make_checkpoint,
     train_each,
 )
+from tests.conftest import subprocess_env
 from tests.oracles import bnb_4bit_model, bnb_nf4_digests, logits_of
 
 ARCHS = list(OVERRIDES)
@@ -52,6 +53,22 @@ def test_nf4_bytes_and_logits_equal_transformers_bitsandbytes(arch, checkpoints,
     reference = bnb_4bit_model(checkpoints[arch])
     assert ours["digests"] == bnb_nf4_digests(reference)
     assert torch.equal(ours["logits"], logits_of(reference, IDS))
+
+
+FP32_ARCHS = ["llama", "gemma2", "phi3"]  # plain, soft-capped with (1 + w) norms, fused projections
+
+
+def test_fp32_compute_equals_transformers_bitsandbytes_at_fp32(checkpoints, tmp_path):
+    """--compute-dtype fp32 (auto's choice on a CPU without native bf16): the same NF4 bytes, dequantized
+    into fp32 by bitsandbytes' kernel, give transformers + bitsandbytes' fp32 logits bit for bit, so
+    the suite's oracles hold at whichever dtype a machine resolves `auto` to (tests/oracles.py)."""
+    chosen = {arch: checkpoints[arch] for arch in FP32_ARCHS}
+    env = {**subprocess_env(tmp_path / "cache"), "ARCH_COMPUTE_DTYPE": "fp32"}
+    ours = layout_outputs(tmp_path / "fp32", chosen, "single", env=env)
+    for arch, model_dir in chosen.items():
+        reference = bnb_4bit_model(model_dir, dtype=torch.float32)
+        assert ours[arch]["digests"] == bnb_nf4_digests(reference), arch
+        assert torch.equal(ours[arch]["logits"], logits_of(reference, IDS)), arch
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -42,12 +42,19 @@ STORAGE_DTYPE = torch.bfloat16
 READ_AHEAD_BYTES = 64 << 20
 
 
-def materialize_computed_buffers(model: nn.Module, device: torch.device) -> None:
+def materialize_computed_buffers(model: nn.Module, device: torch.device,
+                                 compute_dtype: torch.dtype = STORAGE_DTYPE) -> None:
     """Give the buffers a checkpoint does not store (rotary inverse frequencies, Gemma's embedding
     scale, ...) their values the way transformers' `from_pretrained` does: allocated on `device`,
     then filled by the model class' own `_init_weights`, with every parameter marked initialized so
     that only the buffers are touched (parameters are still on meta; their weights come from the
     checkpoint). A float buffer that init leaves unset (NaN-filled here) is an error, not garbage.
+
+    A float buffer the class creates in the default dtype (the meta model's, `STORAGE_DTYPE`) is made
+    in `compute_dtype`, as transformers makes it for a model loaded in that dtype: Gemma's embedding
+    scale sqrt(hidden) is 55.5 in bf16 but 55.4256 in fp32, and FSDP2's mixed precision casts
+    parameters, not buffers (found by the fp32 oracle, tests/test_architectures.py). Buffers the class
+    makes fp32 on purpose (rotary frequencies) stay fp32.
     """
     buffers = [(name, buf) for name, buf in model.named_buffers() if buf.is_meta]
     if not buffers:
@@ -56,7 +63,8 @@ def materialize_computed_buffers(model: nn.Module, device: torch.device) -> None
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         persistent = attr not in parent._non_persistent_buffers_set
-        value = torch.full_like(buf, float("nan"), device=device) if buf.is_floating_point() \
+        dtype = compute_dtype if buf.dtype == STORAGE_DTYPE else buf.dtype
+        value = torch.full_like(buf, float("nan"), device=device, dtype=dtype) if buf.is_floating_point() \
             else torch.zeros_like(buf, device=device)
         parent.register_buffer(attr, value, persistent=persistent)
     params = list(model.parameters())

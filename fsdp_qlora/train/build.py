@@ -58,7 +58,7 @@ def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     model = meta_model(config, STORAGE_DTYPE, cfg.trust_remote_code)  # refuses what cannot load, in one line
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, env.device)
-    materialize_computed_buffers(model, env.device)  # rotary frequencies, embedding scales: transformers' init
+    materialize_computed_buffers(model, env.device, compute_dtype)  # rotary frequencies, embedding scales
     if cfg.train_type in QUANTIZED_TRAIN_TYPES:  # lora/dora: the base stays frozen bf16 nn.Linears, loaded by rows
         quantize_decoder_linears(model, shard_count=shard_size(mesh))  # the dp_shard ranks (1 for ddp)
         for module in model.modules():

@@ -8,6 +8,7 @@ linear's and expert's NF4 bytes and dequantized weight, as the all-gathered whol
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,10 @@ def main() -> None:
     env = init_distributed()
     mesh = build_mesh(env, sharding)
     for model_dir in map(Path, model_dirs):
-        cfg = TrainConfig(model=str(model_dir), lora_dropout=0.0, sharding=sharding)
+        # per-layer units: base_digests unshards one layer at a time; compute dtype: the run's default
+        # (auto) unless the test asks for another (ARCH_COMPUTE_DTYPE)
+        cfg = TrainConfig(model=str(model_dir), lora_dropout=0.0, sharding=sharding, fsdp_units="layer",
+                          compute_dtype=os.environ.get("ARCH_COMPUTE_DTYPE", "auto"))
         model = build_qlora_model(model_dir, cfg, env, mesh).eval()
         if runs != "-":
             install_adapter(model, load_peft_adapter(Path(runs) / model_dir.name / "adapter")[1])
