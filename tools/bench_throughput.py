@@ -14,7 +14,7 @@ Peers: ``get_peft_model`` on the same model directory with a plain training loop
 HF setup; the Trainer only adds overhead), the same data pipeline and tokenization
 (``fsdp_qlora.data.sft``), the same global batch of N x B sequences per optimizer step, LoRA with
 the run's rank / alpha / target modules, torch AdamW with the run's LR schedule and gradient
-clipping, bf16 base weights. Variants (``--peers``):
+clipping, and our run's compute dtype (bf16 here; fp32 where `--compute-dtype auto` resolves to it). Variants (``--peers``):
 
 * ``bf16``     one process, N threads, batch N x B, bf16 base (plain LoRA)
 * ``nf4``      the same on a bitsandbytes 4-bit NF4 base with double quantization (QLoRA)
@@ -264,18 +264,21 @@ def worker_main(spec: dict) -> int:
 def _load_peer_model(base: str, model_dir: Path, cfg: dict, device):
     import logging
 
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch.bfloat16}
+    from fsdp_qlora.train.precision import resolve_compute_dtype
+
+    # The compute dtype our run resolved (--compute-dtype, auto by default): both sides compute alike.
+    dtype = resolve_compute_dtype(cfg.get("compute_dtype", "bf16"), device)
+    kwargs = {"dtype": dtype}
     if base == "nf4":
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes as the weights land there
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if base != "nf4":

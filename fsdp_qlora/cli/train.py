@@ -6,6 +6,7 @@
 `python train.py --help` lists every flag; docs/configuration.md explains them.
 """
 
+import gc
 import os
 import sys
 
@@ -15,6 +16,16 @@ from fsdp_qlora.train.signals import TrainingInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _run(argv)
+    # Free the (cyclic) FSDP2 model while the interpreter is fully alive: left to the collection at
+    # interpreter exit, tensors that gloo's work objects still reference are destroyed from a thread
+    # that can no longer take the GIL, and the rank aborts ("terminate called without an active
+    # exception", a few runs in a hundred on a loaded 2-core machine; pytorch/pytorch#179291).
+    gc.collect()
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cfg = parse_config(argv, prog="train.py")
         if cfg.plan:  # a dry run: the memory plan from the model config alone, no weights loaded

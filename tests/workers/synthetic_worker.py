@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
-from fsdp_qlora.model.loader import local_row_range
+from fsdp_qlora.model.loader import param_rows
 from fsdp_qlora.model.nf4 import PackedNF4
 from fsdp_qlora.model.sources import resolve_model
 from fsdp_qlora.train.build import build_qlora_model
@@ -33,7 +33,7 @@ def local_tensors(model) -> tuple[dict, dict]:
         if param.requires_grad:
             continue
         local = param.to_local() if isinstance(param, DTensor) else param
-        rows[name] = list(local_row_range(param.shape[0], param.device_mesh, param.placements))
+        rows[name] = list(param_rows(param, param.shape[0]))
         if isinstance(local, PackedNF4):
             tensors.update({f"{name}.{inner}": t.contiguous() for inner, t in zip(INNER, local.inner_tensors())})
         else:
