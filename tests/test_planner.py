@@ -32,7 +32,7 @@ WIDER = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2, "
          "num_key_value_heads": 4, "vocab_size": 1536}
 # (model, world size): cases "optimizer,LoRA rank,min_8bit_size,train type", one torchrun per row
 CASES = {("tiny", 1): ["adamw,8,4096,qlora"],
-         ("tiny", 2): ["adamw8bit,8,1,qlora", "adamw,8,4096,lora"],
+         ("tiny", 2): ["adamw8bit,8,1,qlora", "adamw,8,4096,lora", "adamw,8,4096,qlora,model"],
          ("wider", 2): ["adamw,16,4096,qlora", "adamw8bit,8,1,qdora"],
          ("wider", 4): ["adamw8bit,16,1,qlora"]}
 
@@ -50,9 +50,9 @@ def test_static_parts_equal_a_real_sharded_model(models, tmp_path, model, world)
                  *CASES[model, world], timeout=300)
     real = json.loads((tmp_path / "bytes.rank0").read_text())  # rank 0 holds the largest shards
     for case, held in real.items():
-        optimizer, rank, min_8bit, train_type = case.split(",")
+        optimizer, rank, min_8bit, train_type, *units = case.split(",")
         opt = options(world_size=world, lora_rank=int(rank), optimizer=optimizer, min_8bit_size=int(min_8bit),
-                      train_type=train_type)
+                      train_type=train_type, fsdp_units=units[0] if units else "layer")
         planned = static_bytes(Geometry.from_config({**TINY_LLAMA_CONFIG, **(WIDER if model == "wider" else {})}), opt)
         for part, value in held.items():
             assert planned[part] == pytest.approx(value, rel=0.02), (case, part, planned[part], value)
@@ -237,9 +237,9 @@ def test_static_parts_equal_a_real_sharded_mixture_of_experts(moe_checkpoints, t
     real = json.loads((tmp_path / "bytes.rank0").read_text())
     geo = Geometry.from_config(json.loads((model_dir / "config.json").read_text()))
     for case, held in real.items():
-        optimizer, rank, min_8bit, train_type = case.split(",")
+        optimizer, rank, min_8bit, train_type, *units = case.split(",")
         opt = options(world_size=world, lora_rank=int(rank), optimizer=optimizer, min_8bit_size=int(min_8bit),
-                      train_type=train_type)
+                      train_type=train_type, fsdp_units=units[0] if units else "layer")
         assert static_bytes(geo, opt) == held, case
 
 

@@ -38,6 +38,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from fsdp_qlora.config import SHARDING_TYPES
 from fsdp_qlora.distributed.env import DistEnv
 from fsdp_qlora.errors import ConfigError
+from fsdp_qlora.model.loader import load_split
 from fsdp_qlora.model.structure import decoder_layers
 
 SHARDING_CHOICES = SHARDING_TYPES
@@ -150,16 +151,23 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     Compute runs in `param_dtype` (the fp32 adapters are cast for the matmuls); gradients
     are reduced in fp32 so that averaging across ranks loses nothing.
 
-    `replicate_frozen` (`frozen_replication`: a dp_shard of one rank, i.e. ``ddp`` or one process):
-    the frozen weights (NF4 base, embeddings, norms, lm_head) are not FSDP2's to manage at all
-    (`ignored_params`). With nothing to split, FSDP2 would still copy every one of them into an
-    "all-gather" buffer each forward (and again in backward after a reshard), hold that second copy
-    while gathered and run its copy-in/out per step: a third of the step of a 2-rank SmolLM2-135M
-    run on CPU went to it (docs/benchmarks.md). Instead they stay plain tensors on the device,
-    cast once to `param_dtype` (what the mixed-precision policy would cast them to at every gather;
-    NF4 bytes are not cast: they dequantize into the activations' dtype). FSDP2 then holds only the
-    adapters: their gradients are still all-reduced once per unit, their state still checkpoints as
-    DTensors under every layout.
+    `replicate_frozen` (`frozen_replication`): the frozen weights (NF4 base, embeddings, norms,
+    lm_head) are not FSDP2's to manage at all (`ignored_params`); every rank holds them whole, as
+    plain tensors cast once to `param_dtype` (what the mixed-precision policy would cast them to at
+    every gather; NF4 bytes are not cast: they dequantize into the activations' dtype). FSDP2 then
+    holds only the adapters: their gradients are still reduced once per unit, their state still
+    checkpoints as DTensors under every layout. Two cases:
+
+    * a dp_shard of one rank (``ddp``, one process): with nothing to split, FSDP2 would still copy
+      every frozen weight into an "all-gather" buffer each forward (and again in backward after a
+      reshard) and hold that second copy while gathered;
+    * the model unit (``per_layer_units`` off) over several ranks: FSDP2 would all-gather the whole
+      frozen base at every step, and hold it gathered from forward to the end of backward (the plan
+      that chose the model unit counts it). The base never changes, so it is gathered once, when
+      loading: each rank of the dp_shard group still reads and quantizes only its rows (the same
+      bytes as any other layout), then the rows are all-gathered (model/loader.py `load_split`). The
+      rank holds the whole base and no shard of it: less than FSDP2's shard + gathered copy, and no
+      per-step all-gather (on CPU, 1 GB/s of gloo: ~0.1 s of a 0.5 s SmolLM2-135M step).
 
     The embeddings are their own unit so that their all-gathered weight (vocab x hidden: 0.5 GiB
     on Llama-2-70B, 2 GiB on Llama-3's 128k vocabulary) is freed right after the lookup: they
@@ -177,6 +185,8 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     options = dict(fsdp_options or {})
     if replicate_frozen:
         options["ignored_params"] = _frozen_in_compute_dtype(model, param_dtype)
+        for param in options["ignored_params"] if shard_size(mesh) > 1 else ():
+            load_split(param, mesh.get_group(SHARD_DIM) if SHARD_DIM in (mesh.mesh_dim_names or ()) else mesh.get_group())
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     if (head is None or head.weight is not embeddings.weight) and not replicate_frozen:
         fully_shard(embeddings, mesh=mesh, mp_policy=policy, **{**options, "reshard_after_forward": True})
@@ -187,10 +197,11 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     return model
 
 
-def frozen_replication(mesh: DeviceMesh, cpu_offload: bool = False) -> bool:
-    """Whether the frozen weights stay out of FSDP2 (`shard_model`'s `replicate_frozen`): when no
-    parameter is split (a dp_shard of one rank), unless FSDP2's CPU offload is to move them to the host."""
-    return shard_size(mesh) == 1 and not cpu_offload
+def frozen_replication(mesh: DeviceMesh, per_layer_units: bool = True, cpu_offload: bool = False) -> bool:
+    """Whether the frozen weights stay out of FSDP2, held whole by every rank (`shard_model`'s
+    `replicate_frozen`): when no parameter is split (a dp_shard of one rank) or the layers are in the
+    model unit (the whole base gathered anyway), unless FSDP2's CPU offload is to move them to the host."""
+    return (shard_size(mesh) == 1 or not per_layer_units) and not cpu_offload
 
 
 def _frozen_in_compute_dtype(model: nn.Module, dtype: torch.dtype) -> set[nn.Parameter]:

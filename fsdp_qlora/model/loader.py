@@ -24,7 +24,7 @@ from fsdp_qlora.layout import NF4_BLOCKSIZE, row_range
 from fsdp_qlora.model.expert_layout import CheckpointLayout, checkpoint_layout
 from fsdp_qlora.model.experts import expert_params, expert_shapes, quantize_experts
 from fsdp_qlora.model.host_memory import large_allocations_via_mmap
-from fsdp_qlora.model.nf4 import PackedNF4, nf4_bytes, quantize_nf4_rows
+from fsdp_qlora.model.nf4 import NF4Tensor, PackedNF4, nf4_bytes, quantize_nf4_rows
 from fsdp_qlora.model.nf4_experts import empty_nf4_experts, set_expert
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.registry import is_router
@@ -157,6 +157,42 @@ def local_row_range(rows: int, mesh, placements=None) -> tuple[int, int]:
     return start, stop
 
 
+# A replicated frozen parameter (a plain tensor, not FSDP2's) may still be *loaded* split: each rank of
+# `group` reads and quantizes its chunk of the rows, then the chunks are all-gathered into the whole
+# tensor every rank keeps (distributed/sharding.py: the model unit's base, gathered once). The group
+# rides on the placeholder, as a DTensor's mesh and placements do.
+_LOAD_GROUP = "_fsdp_qlora_load_group"
+
+
+def load_split(param: nn.Parameter, group) -> None:
+    """Mark a replicated frozen placeholder to be loaded split over `group`, then all-gathered."""
+    setattr(param, _LOAD_GROUP, group)
+
+
+def _load_group(param: torch.Tensor):
+    group = getattr(param, _LOAD_GROUP, None)
+    return group if group is not None and dist.get_world_size(group) > 1 else None
+
+
+def _gather_whole(local: torch.Tensor, group) -> torch.Tensor:
+    """The whole tensor from every rank's chunk of dim 0 (chunks in rank order; they may differ in
+    length, as torch.chunk splits). NF4: the packed codes and 8-bit absmax (and, for experts, every
+    constant: all have the experts on dim 0) are gathered; a 2-D weight's nested absmax and offset
+    are the whole weight's already."""
+    if isinstance(local, PackedNF4):
+        whole_constants = not isinstance(local, NF4Tensor)
+        inner = [_gather_whole(t, group) if index < 2 or whole_constants else t
+                 for index, t in enumerate(local.inner_tensors())]
+        if isinstance(local, NF4Tensor):
+            return NF4Tensor(*inner, local.compute_dtype, 0)
+        return type(local)(*inner, local.compute_dtype)
+    sizes = [torch.empty(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64), group=group)
+    parts = [local.new_empty((int(n), *local.shape[1:])) for n in sizes]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)
+
+
 def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,
                       workers: int = TrainConfig.load_workers, compute_dtype: torch.dtype = torch.bfloat16) -> None:
     """Install this rank's rows of every checkpoint tensor, read by `workers` threads; NF4 weights
@@ -233,7 +269,9 @@ def install_local(holders: list[tuple[nn.Module, str]], local: torch.Tensor) -> 
     """Make `local` (this rank's part, e.g. its whole experts) what every (module, attribute) in
     `holders` holds: the shard of the sharded parameter, or the whole tensor of a replicated one."""
     module, attr = holders[0]
-    loaded = _frozen_param(local, getattr(module, attr))
+    placeholder = getattr(module, attr)
+    group = None if isinstance(placeholder, DTensor) else _load_group(placeholder)
+    loaded = _frozen_param(local if group is None else _gather_whole(local, group), placeholder)
     for module, attr in holders:
         setattr(module, attr, loaded)
 
@@ -270,9 +308,12 @@ def _local_rows(entry, holder: tuple[nn.Module, str]) -> RowRange:
 
 
 def param_rows(param: torch.Tensor, rows: int) -> tuple[int, int]:
-    """The rows of dim 0 this rank holds of `param`: its FSDP2 shard's, or all of them for a
-    parameter FSDP2 does not manage (replicated frozen weights)."""
-    return local_row_range(rows, param.device_mesh, param.placements) if isinstance(param, DTensor) else (0, rows)
+    """The rows of dim 0 this rank reads of `param`: its FSDP2 shard's; for a parameter FSDP2 does not
+    manage (replicated frozen weights) all of them, or its chunk when it is loaded split (`load_split`)."""
+    if isinstance(param, DTensor):
+        return local_row_range(rows, param.device_mesh, param.placements)
+    group = _load_group(param)
+    return (0, rows) if group is None else row_range(rows, dist.get_world_size(group), dist.get_rank(group))
 
 
 def _frozen_param(local: torch.Tensor, placeholder: torch.Tensor) -> nn.Parameter:
@@ -297,13 +338,15 @@ def install_local_rows(module: nn.Module, attr: str, start: int, rows: torch.Ten
         local = quantize_nf4_rows(rows.to(STORAGE_DTYPE), compute_dtype, _absmax_gather(param), first_block)
     else:
         local = rows.to(param.dtype)
-    setattr(module, attr, _frozen_param(local, param))
+    group = None if isinstance(param, DTensor) else _load_group(param)
+    setattr(module, attr, _frozen_param(local if group is None else _gather_whole(local, group), param))
 
 
 def _absmax_gather(param: torch.Tensor):
     """All-gather over the mesh dims that split this parameter's rows (None: this rank has them all)."""
     if not isinstance(param, DTensor):
-        return None
+        group = _load_group(param)
+        return None if group is None else lambda local_absmax: _gather_whole(local_absmax, group)
     dims = [dim for dim, p in enumerate(param.placements) if isinstance(p, Shard) and p.dim == 0
             and param.device_mesh.size(dim) > 1]
     if not dims:

@@ -143,9 +143,12 @@ class NF4Tensor(PackedNF4):
             codes = torch.cat([codes.new_zeros(lead), codes])
         group = self.first_block // NESTED_BLOCKSIZE
         nested = self.nested_absmax[group: group + -(-codes.numel() // NESTED_BLOCKSIZE)]
-        state = bnbf.QuantState(absmax=nested, code=_dynamic_code(self.device), blocksize=NESTED_BLOCKSIZE,
-                                dtype=torch.float32)
-        return bnbf.dequantize_blockwise(codes, state)[lead:] + self.offset
+        # bitsandbytes' operator itself, as `bnbf.dequantize_blockwise` calls it, without that wrapper's
+        # QuantState and checks: a step calls this once per weight and matmul, and on a small model
+        # the Python around the kernel costs as much as the kernel.
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, nested, _dynamic_code(self.device),
+                                                                      NESTED_BLOCKSIZE, torch.float32)
+        return (absmax[lead:] if lead else absmax) + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full-precision weight ``(rows, in_features)`` in `dtype` (default compute dtype)."""
@@ -157,15 +160,9 @@ class NF4Tensor(PackedNF4):
         return self._dequantize(dtype)
 
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        state = bnbf.QuantState(
-            absmax=self.dequantize_absmax(),
-            shape=self.weight_shape,
-            code=_nf4_code(self.device),
-            blocksize=NF4_BLOCKSIZE,
-            quant_type="nf4",
-            dtype=dtype,
-        )
-        return bnbf.dequantize_4bit(self.packed.view(-1, 1), state)
+        # As `bnbf.dequantize_4bit` calls the operator (the same kernel, bytes and result), minus the wrapper.
+        return torch.ops.bitsandbytes.dequantize_4bit.default(self.packed.view(-1, 1), self.dequantize_absmax(),
+                                                              NF4_BLOCKSIZE, "nf4", self.weight_shape, dtype)
 
     # ---- FSDP2 all-gather extension -------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
@@ -266,13 +263,6 @@ _DISPATCH = {
 
 # ---- quantization -------------------------------------------------------------------------
 _CODE_CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def _nf4_code(device: torch.device) -> torch.Tensor:
-    key = ("nf4", device)
-    if key not in _CODE_CACHE:
-        _CODE_CACHE[key] = bnbf.get_4bit_type("nf4", device=device)
-    return _CODE_CACHE[key]
 
 
 def _dynamic_code(device: torch.device) -> torch.Tensor:

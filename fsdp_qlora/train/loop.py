@@ -19,6 +19,7 @@ from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.data.pipeline import build_train_data
 from fsdp_qlora.data.sft import IGNORE_INDEX
 from fsdp_qlora.distributed.env import DistEnv, broadcast_object, init_distributed, shutdown
+from fsdp_qlora.distributed.grad_norm import clip_grad_norm
 from fsdp_qlora.distributed.sharding import build_mesh, shard_size
 from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.metrics.logger import MetricsLogger
@@ -95,16 +96,35 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _global_counts(micro: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+class _GlobalCounts:
     """(labelled tokens, input tokens) of the whole global batch, from the host batches: one
-    all-reduce of two numbers per step, before anything runs on the device."""
-    local = torch.tensor([sum(float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-                          sum(float(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)
-    label_tokens, input_tokens = _all_reduce_sum(local).tolist()
-    return label_tokens, int(input_tokens)
+    all-reduce of two numbers per step, started before the forward and waited for only when the
+    first backward needs the count, so that it overlaps the forward (and a rank that arrives first
+    computes instead of waiting for the others at the start of the step)."""
+
+    def __init__(self, micro: list[dict[str, torch.Tensor]]):
+        self._sums = torch.tensor([sum(float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+                                   sum(float(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)
+        self._work = dist.all_reduce(self._sums, async_op=True)
+        self._values: tuple[float, int] | None = None
+
+    def _wait(self) -> tuple[float, int]:
+        if self._values is None:
+            self._work.wait()
+            label_tokens, input_tokens = self._sums.tolist()
+            self._values = (label_tokens, int(input_tokens))
+        return self._values
+
+    @property
+    def label_tokens(self) -> float:
+        return self._wait()[0]
+
+    @property
+    def input_tokens(self) -> int:
+        return self._wait()[1]
 
 
-def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step: int, global_label_tokens: float,
+def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step: int, counts: _GlobalCounts,
                 loss_chunk_tokens: int = 0, loss_scale: float = 1.0) -> torch.Tensor:
     """Forward/backward over the micro-batches; returns this rank's summed token loss (on the device,
     not synchronized: the loop reads it only when it logs)."""
@@ -118,7 +138,7 @@ def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step:
         loss = token_loss_sum(model, batch, loss_chunk_tokens)
         if faults.nan_loss_at(step):
             loss = loss * float("nan")
-        (loss * (env.world_size * loss_scale / global_label_tokens)).backward()
+        (loss * (env.world_size * loss_scale / counts.label_tokens)).backward()
         loss_sum += loss.detach()
     return loss_sum
 
@@ -158,13 +178,14 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
         started = time.perf_counter()
         position_before_step = data.state_dict()
         host_micro = [next(batches) for _ in range(cfg.grad_accum_steps)]
-        label_tokens, input_tokens = _global_counts(host_micro)
+        counts = _GlobalCounts(host_micro)
         micro = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in host_micro]
-        loss_sum = _train_step(model, micro, env, state.step + 1, label_tokens, cfg.loss_chunk_tokens, scaler.scale)
+        loss_sum = _train_step(model, micro, env, state.step + 1, counts, cfg.loss_chunk_tokens, scaler.scale)
+        label_tokens, input_tokens = counts.label_tokens, counts.input_tokens
         scaler.unscale_(adapter_params)
         # A non-finite loss makes non-finite gradients, so the norm (one all-reduce, needed for
         # clipping anyway) is the only check the step needs.
-        grad_norm = _clip_grad_norm(adapter_params, cfg.max_grad_norm)
+        grad_norm = clip_grad_norm(adapter_params, cfg.max_grad_norm)
         finite = math.isfinite(grad_norm)
         overflow = scaler.update(finite)
         if finite:
@@ -241,15 +262,6 @@ def _resume(path: Path, cfg, env, checkpoints, model, optimizer, scheduler) -> T
     if env.is_main:
         print(f"resumed from {path} at step {loaded.step}", flush=True)
     return TrainerState(**{**loaded.__dict__, "world_size": env.world_size, "config": cfg.to_dict()})
-
-
-def _clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Global L2 norm of the (sharded) gradients; clips when max_norm > 0."""
-    clip_to = max_norm if max_norm > 0 else float("inf")
-    # foreach: one fused kernel (and one DTensor dispatch) per op for all the adapters' gradients
-    # instead of one per tensor.
-    norm = torch.nn.utils.clip_grad_norm_(params, clip_to, foreach=True)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _export_adapter(model: nn.Module, cfg: TrainConfig, env: DistEnv, model_dir: Path, out_dir: Path) -> None:

@@ -45,10 +45,11 @@ def build_optimizer(params: list[torch.nn.Parameter] | list[dict], cfg: TrainCon
     """`params`: parameters, or param groups (LoRA+: `peft.lora.adapter_param_groups`)."""
     name = getattr(cfg, "optimizer", "adamw")
     if name == "adamw":
-        # foreach: the elementwise update of all adapters at once (one DTensor dispatch per op, not
-        # one per parameter); elementwise ops do not care that local shards differ in shape per rank.
+        # fused: one kernel per step for all the adapters (CPU and CUDA, on DTensor shards too):
+        # 0.73 ms against foreach's 1.09 ms (one DTensor dispatch per op) for the tiny model's 56
+        # adapter tensors on this CPU; elementwise, so shards differing in shape per rank are fine.
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                                 foreach=True)
+                                 fused=True)
     return ShardedBnbAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                            optim_bits=8 if name.endswith("8bit") else 32, is_paged=name.startswith("paged_"),
                            min_8bit_size=getattr(cfg, "min_8bit_size", 4096))

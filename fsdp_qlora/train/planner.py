@@ -241,29 +241,35 @@ class Plan:
         return self.needed() <= gpu_bytes
 
 
+def frozen_replicated(opt: Options) -> bool:
+    """Whether every rank holds the frozen base whole, out of FSDP2 (distributed/sharding.py
+    `frozen_replication`): one rank or --sharding ddp, or the model unit; not with CPU offload."""
+    return (opt.world_size == 1 or opt.fsdp_units == "model") and not opt.cpu_offload
+
+
 def static_bytes(geo: Geometry, opt: Options) -> dict[str, int]:
     """Exact bytes one rank (rank 0, the largest shard) holds for weights, adapters and optimizer."""
-    w = opt.world_size
+    frozen_w = 1 if frozen_replicated(opt) else opt.world_size  # the frozen base: whole, or rank 0's shard
     codes = constants = dense_weights = 0
     for out_f, in_f in geo.linears().values():
         if opt.quantized:
-            c, q = nf4_shard_bytes(out_f, in_f, w)
+            c, q = nf4_shard_bytes(out_f, in_f, frozen_w)
             codes, constants = codes + c, constants + q
         else:  # lora/dora: the frozen base linears stay bf16
-            dense_weights += row_chunk(out_f, w) * in_f * 2
+            dense_weights += row_chunk(out_f, frozen_w) * in_f * 2
     for experts, out_f, in_f in geo.layer_experts.values():
         if opt.quantized:
-            c, q = nf4_experts_shard_bytes(experts, out_f, in_f, w)
+            c, q = nf4_experts_shard_bytes(experts, out_f, in_f, frozen_w)
             codes, constants = codes + c, constants + q
         else:  # bf16 experts, split by rows of dim 0 (the experts) like any FSDP2 parameter
-            dense_weights += row_chunk(experts, w) * out_f * in_f * 2
-    frozen = sum(_sharded_elements(shape, w) * 2 for shape in geo.root_frozen)  # embeddings, lm_head, final norm
-    layer_frozen = sum(_sharded_elements(shape, w) * 2 for shape in geo.layer_frozen)  # norms, routers...
-    layer_frozen += sum(row_chunk(out_f, w) * in_f * 2 for out_f, in_f in geo.layer_routers.values())  # bf16 linears
-    layer_frozen += sum(row_chunk(out_f, w) * 2 for out_f in geo.layer_biases.values())  # linear biases (bf16)
+            dense_weights += row_chunk(experts, frozen_w) * out_f * in_f * 2
+    frozen = sum(_sharded_elements(shape, frozen_w) * 2 for shape in geo.root_frozen)  # embeddings, lm_head, final norm
+    layer_frozen = sum(_sharded_elements(shape, frozen_w) * 2 for shape in geo.layer_frozen)  # norms, routers...
+    layer_frozen += sum(row_chunk(out_f, frozen_w) * in_f * 2 for out_f, in_f in geo.layer_routers.values())  # bf16 linears
+    layer_frozen += sum(row_chunk(out_f, frozen_w) * 2 for out_f in geo.layer_biases.values())  # linear biases (bf16)
     adapter_elems, optimizer = 0, 0
     for shape in geo.adapter_shapes(opt.adapter):
-        local = _sharded_elements(shape, w)
+        local = _sharded_elements(shape, opt.world_size)
         adapter_elems += local
         optimizer += _optimizer_bytes(shape, local, opt)
     return {
@@ -410,7 +416,7 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     w = opt.world_size
     # With no parameter split (one rank, or --sharding ddp) the frozen weights are not FSDP2's: they
     # are never gathered, only the adapters are (distributed/sharding.py: frozen_replication).
-    replicated = w == 1 and not opt.cpu_offload
+    replicated = frozen_replicated(opt)
     layer_full = 0 if replicated else gathered_layer_bytes(geo, opt)
     # one weight dequantized per matmul: a linear's, or one expert's (the experts loop frees each);
     # a bf16 base is gathered as is, nothing to dequantize

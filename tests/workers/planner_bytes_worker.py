@@ -1,6 +1,7 @@
 """Bytes a real sharded QLoRA model holds per rank, by part (checked against the planner).
 
-argv: <model dir> <result json> <case>... with case = "optimizer,lora rank,min_8bit_size,train type".
+argv: <model dir> <result json> <case>... with case = "optimizer,lora rank,min_8bit_size,train type[,fsdp units]"
+(units: layer unless given; the model unit holds the frozen base whole, distributed/sharding.py).
 Each rank writes <result>.rank<N>: {case: bytes by part}.
 """
 
@@ -24,9 +25,9 @@ def _local(t):
 
 
 def held_bytes(model_dir: str, case: str, env, mesh) -> dict[str, int]:
-    optimizer, rank, min_8bit, train_type = case.split(",")
+    optimizer, rank, min_8bit, train_type, *units = case.split(",")
     cfg = TrainConfig(model=model_dir, lora_rank=int(rank), optimizer=optimizer, min_8bit_size=int(min_8bit),
-                      train_type=train_type)
+                      train_type=train_type, fsdp_units=units[0] if units else "layer")
     return bytes_by_part(build_qlora_model(Path(model_dir), cfg, env, mesh), cfg)
 
 
