@@ -83,7 +83,7 @@ def test_held_bytes_equal_the_planners_static_parts(built, model):
     config = json.loads((resolve_model(names[model], str(cache), synthetic=True) / "config.json").read_text())
     geo = Geometry.from_config(config)
     for world in (1, 2):
-        planned = static_bytes(geo, Options(TrainConfig(), world))
+        planned = static_bytes(geo, Options(TrainConfig(fsdp_units="layer"), world))
         assert [info["bytes"] for _, info in result[model][world]] == [planned] * world, (model, world)
 
 

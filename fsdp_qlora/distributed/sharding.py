@@ -3,24 +3,23 @@
 Three layouts (``--sharding``), all built on FSDP2's per-parameter DTensors:
 
 * ``fsdp``: a 1-D mesh ``("dp_shard",)`` over every rank; each parameter (the NF4 base and the
-  adapters) is split by rows across all ranks, all-gathered per layer for compute.
+  adapters) is split by rows across all ranks, all-gathered per layer for compute; with the model
+  unit (``--fsdp-units model``, auto's choice when the whole base fits) the frozen base is gathered
+  once, at load, and only the adapters are gathered per step (see `shard_model`).
 * ``hsdp``: a 2-D mesh ``("dp_replicate", "dp_shard")`` = (nodes, ranks per node). Parameters are
   sharded within a node and replicated across nodes (placements ``[Replicate(), Shard(0)]``):
   all-gathers and reduce-scatters stay on the fast intra-node links; only the (tiny) adapter
   gradients cross nodes, as an all-reduce over ``dp_replicate``. The NF4 quantization slice is
   a rank's shard in ``dp_shard``, so every node holds the same bytes.
 * ``ddp``: the HSDP mesh with a shard dim of one rank, ``(world, 1)``: every rank holds the
-  whole NF4 base and adapters (one quantization slice per weight, as on one GPU), nothing is
-  ever all-gathered across ranks (FSDP2's "all-gather" over a group of one is a local copy),
-  and only the adapter gradients are all-reduced, over ``dp_replicate``. This is FSDP2's
-  ``fully_shard`` with a replicate-only layout, so it keeps the same DTensor parameters,
-  mixed-precision policy, ``set_requires_gradient_sync`` and DCP checkpoints (a checkpoint
-  resumes under any of the three layouts). Not chosen: classic ``DistributedDataParallel``
-  cannot hold NF4Tensor parameters (it broadcasts and buckets every parameter as a plain
-  tensor), and ``torch.distributed._composable.replicate_with_fsdp.replicate`` (a private API)
-  hands the all-gather extension its 1-D replicate mesh (size = world) while gathering over a
-  group of one, which breaks the NF4 extension's one-rank path.
-  For a model whose 4-bit base fits on one GPU, replication skips every all-gather.
+  whole NF4 base (one quantization slice per weight, as on one GPU), outside FSDP2 (see
+  `shard_model`: nothing is ever gathered or copied per step), and FSDP2 holds only the adapters,
+  replicated: their gradients are all-reduced over ``dp_replicate``, once per unit. It keeps the
+  same DTensor adapters, mixed-precision policy, ``set_requires_gradient_sync`` and DCP checkpoints
+  (a checkpoint resumes under any of the three layouts). Not chosen: classic
+  ``DistributedDataParallel`` (a second wrapper with its own state-dict and no-sync conventions
+  next to FSDP2's), and ``torch.distributed._composable.replicate_with_fsdp.replicate`` (a private
+  API). For a model whose 4-bit base fits on one GPU, replication skips every all-gather.
 
 ``auto`` (the default) is ``hsdp`` when the job spans several nodes and ``fsdp`` otherwise.
 """

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from fsdp_qlora.model import frozen
-from fsdp_qlora.peft.lora import LoRALinear, module_device
+from fsdp_qlora.peft.lora import LoRALinear, copy_full_into, module_device
 
 # fp32 elements of W converted at a time for the norm (64 MiB): bounds the transient copy
 # whatever the layer's size, and is a single block for all but the largest projections.
@@ -83,12 +83,17 @@ class DoRALinear(LoRALinear):
         """m = row norms of the base weight (PEFT's init for a fresh adapter, B = 0).
 
         Under FSDP2 both W and m are split by rows the same way (same dim 0, Shard(0)), so each
-        rank computes its own rows' norms from its own shard: no communication.
+        rank computes its own rows' norms from its own shard: no communication. A base every rank
+        holds whole (distributed/sharding.py: replicated frozen weights) gives every row's norm, of
+        which the rank keeps its shard's.
         """
         # The compute dtype's dequantization, the very weight forward sees: the init is then an
         # exact no-op (scale = 1) in fp32 adapters.
         norms = dora_weight_norm(frozen.dense_weight(self.base))
         magnitude = self.lora_magnitude_vector
+        if isinstance(magnitude, DTensor) and norms.shape == magnitude.shape:
+            copy_full_into(magnitude, norms)
+            return
         target = magnitude.to_local() if isinstance(magnitude, DTensor) else magnitude
         if target.shape != norms.shape:
             raise RuntimeError(f"DoRA magnitude shard {tuple(target.shape)} and base weight shard "

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed.tensor import DTensor
 
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
+from fsdp_qlora.model.nf4 import PackedNF4, nf4_bytes
 from fsdp_qlora.train.build import build_qlora_model
 from fsdp_qlora.train.loss import token_loss_sum
 from fsdp_qlora.train.optim import build_optimizer
@@ -38,7 +40,17 @@ def tracked_peak(model_dir: Path, cfg: TrainConfig, env, mesh, batch: int, conte
             optimizer.zero_grad()
         if step == 0:
             tracker.reset_mod_stats()  # the peak of the second step: optimizer state exists
-    return sum(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
+    # The tracker counts FSDP2's parameters; frozen weights held whole outside FSDP2 (one rank, ddp,
+    # the model unit: distributed/sharding.py) are resident all along, so they are added here.
+    return sum(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values()) + _unmanaged_bytes(model)
+
+
+def _unmanaged_bytes(model) -> int:
+    total = 0
+    for param in model.parameters():
+        if not isinstance(param, DTensor):
+            total += nf4_bytes(param) if isinstance(param, PackedNF4) else param.numel() * param.element_size()
+    return total
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ def main() -> None:
     env = init_distributed()
     mesh = build_mesh(env)
     for index, name in enumerate(models):
-        cfg = TrainConfig(model=name, synthetic_weights=True, model_cache_dir=cache)
+        # per-layer units: each rank holds (and draws) its rows; the model unit would hold the base whole
+        cfg = TrainConfig(model=name, synthetic_weights=True, model_cache_dir=cache, fsdp_units="layer")
         model = build_qlora_model(resolve_model(name, cache, synthetic=True), cfg, env, mesh)
         tensors, rows = local_tensors(model)
         save_file(tensors, f"{prefix}.{index}.rank{env.rank}.safetensors")
