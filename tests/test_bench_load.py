@@ -25,7 +25,7 @@ def test_every_row_is_read_once_across_ranks(tmp_path):
     assert run["read_bytes"] == tensor_bytes  # the ranks' row ranges tile every tensor exactly
     # What each rank keeps: exactly the planner's static weight + adapter bytes for 2 ranks.
     static = static_bytes(Geometry.from_config(json.loads((model / "config.json").read_text())),
-                          Options(TrainConfig(), world_size=2))
+                          Options(TrainConfig(fsdp_units="layer"), world_size=2))
     kept = sum(static[k] for k in ("nf4_weights", "quant_constants", "frozen_bf16", "adapter_params"))
     assert [r["held"] for r in run["ranks"]] == [kept, kept]
     assert "\n| 3 | " in proc.stdout  # the markdown table row for --workers 3

