@@ -12,7 +12,6 @@ parsing only the file's header and metadata, in milliseconds, before any weight 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fsdp_qlora.errors import ConfigError
+from fsdp_qlora.model.cache import make_once
 from fsdp_qlora.model.gguf_header import GGUFInfo, package_version, validate_gguf
 from fsdp_qlora.model.registry import MODELS
 
@@ -133,14 +133,13 @@ def ensure_converted(gguf_path: Path, cache_dir: Path, log: Callable[[str], None
     if model_dir.is_dir():
         return model_dir
     info = validate_gguf(gguf_path)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{model_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not model_dir.is_dir():
-            (log or _print)(f"converting {gguf_path.name} ({info.describe_types()}) to bf16 safetensors in "
-                            f"{model_dir} once; {info.error_note()}")
-            convert_gguf(gguf_path, model_dir, info)
-    return model_dir
+
+    def convert(out: Path) -> None:
+        (log or _print)(f"converting {gguf_path.name} ({info.describe_types()}) to bf16 safetensors in "
+                        f"{out} once; {info.error_note()}")
+        convert_gguf(gguf_path, out, info)
+
+    return make_once(model_dir, convert)
 
 
 def _print(line: str) -> None:

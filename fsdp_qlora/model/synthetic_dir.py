@@ -10,7 +10,6 @@ so that model/sources.py can make the directory without importing the loader (no
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from typing import Any
 
 from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.model import gguf
+from fsdp_qlora.model.cache import make_once
 from fsdp_qlora.model.registry import alias_config
 
 # Bump when the directory's contents change for the same source (part of its cache key).
@@ -36,14 +36,7 @@ def synthetic_model_dir(name: str, cache: Path) -> Path:
     config, tokenizer_dir = _source(name)
     key = _cache_key(config, tokenizer_dir)
     out = cache / f"synthetic-{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(name).name or 'model')}-{key}"
-    if out.is_dir():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not out.is_dir():
-            _write_dir(out, name, config, tokenizer_dir)
-    return out
+    return make_once(out, lambda directory: _write_dir(directory, name, config, tokenizer_dir))
 
 
 def _source(name: str) -> tuple[dict[str, Any], Path | None]:

@@ -7,7 +7,6 @@ loading path is exercised. The generator also builds larger variants for loader 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fsdp_qlora.data.make_sample_data import SAMPLE_DATASET_PATH
 from fsdp_qlora.data.sft import format_prompt
-from fsdp_qlora.model.cache import default_cache_dir
+from fsdp_qlora.model.cache import default_cache_dir, make_once
 
 # Bump whenever the generator's output changes for the same config and data: it is part of
 # the cache key, so cached models regenerate instead of silently going stale.
@@ -175,12 +174,4 @@ def ensure_tiny_llama(cache_dir: Path | None = None) -> Path:
     one generates, the others find the finished directory.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    model_dir = cache_dir / f"tiny-llama-{tiny_llama_key()}"
-    if model_dir.is_dir():
-        return model_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{model_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not model_dir.is_dir():
-            generate_llama(model_dir)
-    return model_dir
+    return make_once(cache_dir / f"tiny-llama-{tiny_llama_key()}", generate_llama)
