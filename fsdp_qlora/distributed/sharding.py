@@ -196,11 +196,12 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     return model
 
 
-def frozen_replication(mesh: DeviceMesh, per_layer_units: bool = True, cpu_offload: bool = False) -> bool:
+def frozen_replication(shard_ranks: int, per_layer_units: bool = True, cpu_offload: bool = False) -> bool:
     """Whether the frozen weights stay out of FSDP2, held whole by every rank (`shard_model`'s
-    `replicate_frozen`): when no parameter is split (a dp_shard of one rank) or the layers are in the
-    model unit (the whole base gathered anyway), unless FSDP2's CPU offload is to move them to the host."""
-    return (shard_size(mesh) == 1 or not per_layer_units) and not cpu_offload
+    `replicate_frozen`; the planner counts memory by the same rule): when no parameter is split
+    (`shard_ranks`, the dp_shard size, is 1) or the layers are in the model unit (the whole base
+    gathered anyway), unless FSDP2's CPU offload is to move them to the host."""
+    return (shard_ranks == 1 or not per_layer_units) and not cpu_offload
 
 
 def _frozen_in_compute_dtype(model: nn.Module, dtype: torch.dtype) -> set[nn.Parameter]:

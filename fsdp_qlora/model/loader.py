@@ -170,6 +170,8 @@ def load_split(param: nn.Parameter, group) -> None:
 
 
 def _load_group(param: torch.Tensor):
+    """The group a replicated placeholder is loaded split over (None: FSDP2's DTensors, which carry
+    their own mesh, and placeholders every rank loads whole)."""
     group = getattr(param, _LOAD_GROUP, None)
     return group if group is not None and dist.get_world_size(group) > 1 else None
 
@@ -275,7 +277,7 @@ def install_local(holders: list[tuple[nn.Module, str]], local: torch.Tensor) -> 
     `holders` holds: the shard of the sharded parameter, or the whole tensor of a replicated one."""
     module, attr = holders[0]
     placeholder = getattr(module, attr)
-    group = None if isinstance(placeholder, DTensor) else _load_group(placeholder)
+    group = _load_group(placeholder)
     loaded = _frozen_param(local if group is None else _gather_whole(local, group), placeholder)
     for module, attr in holders:
         setattr(module, attr, loaded)
@@ -343,7 +345,7 @@ def install_local_rows(module: nn.Module, attr: str, start: int, rows: torch.Ten
         local = quantize_nf4_rows(rows.to(STORAGE_DTYPE), compute_dtype, _absmax_gather(param), first_block)
     else:
         local = rows.to(param.dtype)
-    group = None if isinstance(param, DTensor) else _load_group(param)
+    group = _load_group(param)
     setattr(module, attr, _frozen_param(local if group is None else _gather_whole(local, group), param))
 
 

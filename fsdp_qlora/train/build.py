@@ -73,7 +73,7 @@ def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> 
     apply_activation_memory_options(decoder_layers(model), cfg)  # checkpointing / offload (train/memory.py)
     shard_model(model, mesh, param_dtype=compute_dtype, fsdp_options=fsdp_options(cfg),
                 per_layer_units=cfg.fsdp_units == "layer",
-                replicate_frozen=frozen_replication(mesh, cfg.fsdp_units == "layer", cfg.cpu_offload))
+                replicate_frozen=frozen_replication(shard_size(mesh), cfg.fsdp_units == "layer", cfg.cpu_offload))
     if cfg.synthetic_weights:  # seeded random rows, drawn and quantized on each rank (model/synthetic.py)
         fill_synthetic_weights(model, env.device, cfg.seed, compute_dtype)
     else:

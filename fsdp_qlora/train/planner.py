@@ -241,15 +241,9 @@ class Plan:
         return self.needed() <= gpu_bytes
 
 
-def frozen_replicated(opt: Options) -> bool:
-    """Whether every rank holds the frozen base whole, out of FSDP2 (distributed/sharding.py
-    `frozen_replication`): one rank or --sharding ddp, or the model unit; not with CPU offload."""
-    return (opt.world_size == 1 or opt.fsdp_units == "model") and not opt.cpu_offload
-
-
 def static_bytes(geo: Geometry, opt: Options) -> dict[str, int]:
     """Exact bytes one rank (rank 0, the largest shard) holds for weights, adapters and optimizer."""
-    frozen_w = 1 if frozen_replicated(opt) else opt.world_size  # the frozen base: whole, or rank 0's shard
+    frozen_w = 1 if _frozen_replicated(opt) else opt.world_size  # the frozen base: whole, or rank 0's shard
     codes = constants = dense_weights = 0
     for out_f, in_f in geo.linears().values():
         if opt.quantized:
@@ -280,6 +274,13 @@ def static_bytes(geo: Geometry, opt: Options) -> dict[str, int]:
         "adapter_grads": adapter_elems * 4 * geo.layers,
         "optimizer_state": optimizer * geo.layers,
     }
+
+
+def _frozen_replicated(opt: Options) -> bool:
+    """Whether every rank holds the frozen base whole, outside FSDP2: the sharding layer's rule."""
+    from fsdp_qlora.distributed.sharding import frozen_replication  # torch: only when planning
+
+    return frozen_replication(opt.world_size, opt.fsdp_units != "model", opt.cpu_offload)
 
 
 def _sharded_elements(shape: tuple[int, ...], world: int) -> int:
@@ -416,7 +417,7 @@ def plan_memory(config: dict[str, Any], opt: Options) -> Plan:
     w = opt.world_size
     # With no parameter split (one rank, or --sharding ddp) the frozen weights are not FSDP2's: they
     # are never gathered, only the adapters are (distributed/sharding.py: frozen_replication).
-    replicated = frozen_replicated(opt)
+    replicated = _frozen_replicated(opt)
     layer_full = 0 if replicated else gathered_layer_bytes(geo, opt)
     # one weight dequantized per matmul: a linear's, or one expert's (the experts loop frees each);
     # a bf16 base is gathered as is, nothing to dequantize
