@@ -160,3 +160,22 @@ def test_embeddings_are_resharded_after_the_lookup(tmp_path):
             assert seen[str(model)][moment] == expected, (tied, moment, seen)
         # ~ln(1024) for a random model: a real loss, and the adapters got gradients
         assert seen[str(model)]["loss"] == pytest.approx(7.0, abs=0.5) and seen[str(model)]["adapter_grads"] > 0
+
+
+def test_gradient_norm_from_the_reduction_equals_the_gathered_gradients(tmp_path):
+    """CPU --sharding fsdp: the clipping norm comes from the squares summed while FSDP2 reduces the
+    gradients (no collective of its own), per-layer units and the model unit alike; it equals the
+    norm of the all-gathered gradients and the collective path's; `take` resets it; ddp (nothing
+    split, no reduce-scatter) has none."""
+    from fsdp_qlora.model.tiny_llama import generate_llama
+
+    model = generate_llama(tmp_path / "tiny", {})
+    run_torchrun(REPO / "tests/workers/reduced_squares_worker.py", 2, str(tmp_path / "norms.json"), str(model))
+    seen = json.loads((tmp_path / "norms.json").read_text())
+    assert seen.pop("ddp_has_reduced_squares") is False
+    for units, got in seen.items():
+        # float64 sums of the same fp32 gradients' squares, in other orders: ~1e-16 relative
+        assert got["from_reduction"] == pytest.approx(got["full"], rel=1e-12), (units, got)
+        assert got["collective"] == pytest.approx(got["full"], rel=1e-12), (units, got)
+        assert got["full"] > 0 and not got["taken_twice"], (units, got)
+

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fsdp_qlora.config import SHARDING_TYPES
 from fsdp_qlora.distributed.env import DistEnv
+from fsdp_qlora.distributed.grad_norm import ReducedSquares
 from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.model.loader import load_split
 from fsdp_qlora.model.structure import decoder_layers
@@ -193,7 +194,24 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
         fully_shard(layer, mesh=mesh, mp_policy=policy, **options)
     options.pop("reshard_after_forward", None)  # the root keeps FSDP2's own choice (no reshard: backward is next)
     fully_shard(model, mesh=mesh, mp_policy=policy, **options)
+    if mesh.device_type == "cpu" and strategy_of(mesh) == "fsdp" and mesh.size() > 1:
+        _sum_squares_while_reducing(model)
     return model
+
+
+def _sum_squares_while_reducing(model: nn.Module) -> None:
+    """Every unit reduces its gradients through one `ReducedSquares`, kept as `model.reduced_squares`
+    for the loop's gradient clipping (distributed/grad_norm.py): one collective fewer per step."""
+    reduced = ReducedSquares()
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_custom_reduce_scatter(reduced)
+    model.reduced_squares = reduced
+
+
+def reduced_squares_of(model: nn.Module) -> ReducedSquares | None:
+    """The model's `ReducedSquares`, if its gradients are reduced through one (`shard_model`)."""
+    return getattr(model, "reduced_squares", None)
 
 
 def frozen_replication(shard_ranks: int, per_layer_units: bool = True, cpu_offload: bool = False) -> bool:

@@ -20,7 +20,7 @@ from fsdp_qlora.data.pipeline import build_train_data
 from fsdp_qlora.data.sft import IGNORE_INDEX
 from fsdp_qlora.distributed.env import DistEnv, broadcast_object, init_distributed, shutdown
 from fsdp_qlora.distributed.grad_norm import clip_grad_norm
-from fsdp_qlora.distributed.sharding import build_mesh, shard_size
+from fsdp_qlora.distributed.sharding import build_mesh, reduced_squares_of, shard_size
 from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.metrics.logger import MetricsLogger
 from fsdp_qlora.metrics.progress import Progress
@@ -151,6 +151,7 @@ def _mean_loss(loss_sum: torch.Tensor, global_label_tokens: float) -> float:
 def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, model_dir: Path,
                 checkpoints: CheckpointManager, resume_from: Path | None) -> None:
     adapter_params = [p for p in model.parameters() if p.requires_grad]
+    reduced_squares = reduced_squares_of(model)  # the gradients' squares summed as they are reduced (CPU fsdp)
     per_epoch = data.steps_per_epoch  # None when streaming, which requires --max-steps
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * per_epoch
     # LoRA+ (--loraplus-lr-ratio) puts B in a group of its own with a higher LR.
@@ -182,10 +183,11 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
         micro = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in host_micro]
         loss_sum = _train_step(model, micro, env, state.step + 1, counts, cfg.loss_chunk_tokens, scaler.scale)
         label_tokens, input_tokens = counts.label_tokens, counts.input_tokens
-        scaler.unscale_(adapter_params)
-        # A non-finite loss makes non-finite gradients, so the norm (one all-reduce, needed for
-        # clipping anyway) is the only check the step needs.
-        grad_norm = clip_grad_norm(adapter_params, cfg.max_grad_norm)
+        squares = reduced_squares.take() if reduced_squares is not None else None
+        scaler.unscale_(adapter_params)  # (fp16) the gradients are then no longer what was reduced
+        # A non-finite loss makes non-finite gradients, so the norm (needed for clipping anyway) is
+        # the only check the step needs.
+        grad_norm = clip_grad_norm(adapter_params, cfg.max_grad_norm, None if scaler.enabled else squares)
         finite = math.isfinite(grad_norm)
         overflow = scaler.update(finite)
         if finite:
