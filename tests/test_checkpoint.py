@@ -167,6 +167,23 @@ def test_resume_at_another_world_size(baseline, tmp_path, cache, before, after):
     assert ours[8]["loss"] < reference[0]["loss"] - 0.5
 
 
+@pytest.mark.parametrize("first, then", [("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_resume_under_the_other_layout_reproduces_the_run(baseline, tmp_path, cache, first, then):
+    """--sharding ddp holds the adapters as plain replicated tensors outside FSDP2, fsdp as row-sharded
+    DTensors: the checkpoints hold the same DCP keys, so each resumes the other's. The two layouts
+    compute the same bits (tests/test_speed_options.py), so the resumed run is the uninterrupted
+    (fsdp) baseline exactly, dropout included; the logged gradient norms differ in float64 summation
+    order only (ddp sums the squares per tensor, fsdp from the reduced buffer)."""
+    run_dir = tmp_path / "run"
+    assert _run(2, run_dir, cache, "--sharding", first, faults="kill_rank_during_save=0@12").returncode != 0
+    assert _latest_step(run_dir) == 8
+    resumed = _ok(_run(2, run_dir, cache, "--sharding", then))
+    assert "step-00000008" in resumed.stdout
+    ours, reference = _trajectory(run_dir), _trajectory(baseline)
+    assert [row[:3] for row in ours] == [row[:3] for row in reference]
+    assert [row[3] for row in ours] == pytest.approx([row[3] for row in reference], rel=1e-12)
+
+
 def test_truncated_or_missing_files_fall_back_to_the_previous_checkpoint(baseline, tmp_path, cache):
     for damage in ("truncate", "delete"):
         run_dir = tmp_path / damage

@@ -165,17 +165,46 @@ def test_embeddings_are_resharded_after_the_lookup(tmp_path):
 def test_gradient_norm_from_the_reduction_equals_the_gathered_gradients(tmp_path):
     """CPU --sharding fsdp: the clipping norm comes from the squares summed while FSDP2 reduces the
     gradients (no collective of its own), per-layer units and the model unit alike; it equals the
-    norm of the all-gathered gradients and the collective path's; `take` resets it; ddp (nothing
-    split, no reduce-scatter) has none."""
+    norm of the all-gathered gradients and the collective path's; `take` resets it. ddp (nothing
+    split, no reduce-scatter) has none: it keeps the model out of FSDP2 (distributed/replicate.py),
+    with plain fp32 adapters that compute in the compute dtype and a gradient reducer of its own."""
     from fsdp_qlora.model.tiny_llama import generate_llama
 
     model = generate_llama(tmp_path / "tiny", {})
     run_torchrun(REPO / "tests/workers/reduced_squares_worker.py", 2, str(tmp_path / "norms.json"), str(model))
     seen = json.loads((tmp_path / "norms.json").read_text())
     assert seen.pop("ddp_has_reduced_squares") is False
+    assert seen.pop("ddp_layout") == {"fsdp_modules": 0, "dtensor_adapters": 0, "adapter_dtypes": ["torch.float32"],
+                                      "compute_dtypes": ["torch.bfloat16"], "gradient_all_reduce": True}
     for units, got in seen.items():
         # float64 sums of the same fp32 gradients' squares, in other orders: ~1e-16 relative
         assert got["from_reduction"] == pytest.approx(got["full"], rel=1e-12), (units, got)
         assert got["collective"] == pytest.approx(got["full"], rel=1e-12), (units, got)
         assert got["full"] > 0 and not got["taken_twice"], (units, got)
+
+
+
+# ---- --sharding ddp: replicated adapters, their gradients all-reduced in buckets ---------------
+def test_bucket_params_in_backward_order():
+    """Reverse registration order (backward's), the first bucket small, the others larger."""
+    import torch
+
+    from fsdp_qlora.distributed.replicate import bucket_params
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (8, 8, 8, 8, 8, 2)]  # 32 B each, the last 8 B
+    buckets = bucket_params(params, first_bytes=32, bytes_per_bucket=64)
+    assert [[next(i for i, q in enumerate(params) if q is p) for p in b] for b in buckets] == [[5, 4], [3, 2], [1, 0]]
+    assert bucket_params(params, first_bytes=1 << 20, bytes_per_bucket=1 << 20) == [params[::-1]]
+
+
+def test_replicated_gradients_are_the_mean_over_ranks_in_bucket_order(tmp_path):
+    """2 gloo ranks: after an unsynced and a synced backward every gradient is the mean over the ranks
+    of the accumulated sums; the all-reduces start in bucket order on both ranks although their
+    gradients become ready in opposite orders (started in readiness order, gloo pairs mismatched
+    buckets and the run fails); a parameter one rank did not use counts as zeros there; the reducer
+    works again in the next backward."""
+    run_torchrun(REPO / "tests/workers/gradient_all_reduce_worker.py", 2, str(tmp_path / "grads.json"), timeout=120)
+    for rank in json.loads((tmp_path / "grads.json").read_text()):
+        assert rank["buckets"] == [[5], [4, 3], [2, 1, 0]]
+        assert rank["first_backward_local"] and all(rank["mean"]) and all(rank["again"]), rank
 

@@ -39,6 +39,20 @@ def test_scheduling_options_train_bit_for_bit_the_same(plain, option, tmp_path):
     assert _losses(train_metrics(tmp_path / "run", tmp_path / "cache", *FLAGS, *option)) == plain
 
 
+def test_ddp_accumulates_gradients_like_fsdp(tmp_path):
+    """With --grad-accum-steps, only the last micro-batch's backward reduces (distributed/replicate.py:
+    the others accumulate locally, in fp32, as FSDP2 does without gradient sync): the same losses as
+    --sharding fsdp, exactly, and the same gradient norms up to float64 summation order (fsdp sums the
+    squares of the reduced buffer, ddp per tensor: ~1e-15 relative)."""
+    accumulate = [*FLAGS, "--batch-size", "1", "--grad-accum-steps", "2"]
+    runs = {sharding: train_metrics(tmp_path / sharding, tmp_path / "cache", *accumulate, "--sharding", sharding)
+            for sharding in ("fsdp", "ddp")}
+    losses = {sharding: [r["loss"] for r in metrics if "loss" in r] for sharding, metrics in runs.items()}
+    assert len(losses["ddp"]) == 5 and losses["ddp"] == losses["fsdp"]
+    norms = {sharding: [r["grad_norm"] for r in metrics if "loss" in r] for sharding, metrics in runs.items()}
+    assert norms["ddp"] == pytest.approx(norms["fsdp"], rel=1e-12)
+
+
 def test_compile_follows_the_eager_trajectory(plain, tmp_path):
     """--compile: inductor fuses each layer's elementwise work and keeps the fused bf16 intermediates in
     fp32 where eager rounds every op's result to bf16, and the NF4 matmuls run through the registered

@@ -12,14 +12,11 @@ Three layouts (``--sharding``), all built on FSDP2's per-parameter DTensors:
   gradients cross nodes, as an all-reduce over ``dp_replicate``. The NF4 quantization slice is
   a rank's shard in ``dp_shard``, so every node holds the same bytes.
 * ``ddp``: the HSDP mesh with a shard dim of one rank, ``(world, 1)``: every rank holds the
-  whole NF4 base (one quantization slice per weight, as on one GPU), outside FSDP2 (see
-  `shard_model`: nothing is ever gathered or copied per step), and FSDP2 holds only the adapters,
-  replicated: their gradients are all-reduced over ``dp_replicate``, once per unit. It keeps the
-  same DTensor adapters, mixed-precision policy, ``set_requires_gradient_sync`` and DCP checkpoints
-  (a checkpoint resumes under any of the three layouts). Not chosen: classic
-  ``DistributedDataParallel`` (a second wrapper with its own state-dict and no-sync conventions
-  next to FSDP2's), and ``torch.distributed._composable.replicate_with_fsdp.replicate`` (a private
-  API). For a model whose 4-bit base fits on one GPU, replication skips every all-gather.
+  whole model, the NF4 base (one quantization slice per weight, as on one GPU) and the adapters,
+  and nothing of it is FSDP2's (distributed/replicate.py): the adapters' gradients are all-reduced
+  in buckets during backward, nothing is ever gathered or copied per step. Its checkpoints are DCP
+  checkpoints of the same adapter and optimizer keys (a checkpoint resumes under any of the three
+  layouts). For a model whose 4-bit base fits on one GPU, replication skips every all-gather.
 
 ``auto`` (the default) is ``hsdp`` when the job spans several nodes and ``fsdp`` otherwise.
 """
@@ -37,6 +34,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from fsdp_qlora.config import SHARDING_TYPES
 from fsdp_qlora.distributed.env import DistEnv
 from fsdp_qlora.distributed.grad_norm import ReducedSquares
+from fsdp_qlora.distributed.replicate import replicate_adapters
 from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.model.loader import load_split
 from fsdp_qlora.model.structure import decoder_layers
@@ -151,6 +149,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     Compute runs in `param_dtype` (the fp32 adapters are cast for the matmuls); gradients
     are reduced in fp32 so that averaging across ranks loses nothing.
 
+    ``--sharding ddp`` over several ranks (`replicated`) shards nothing: the frozen weights are cast
+    to `param_dtype` as below and the adapters are replicated (distributed/replicate.py), unless
+    FSDP2 is to offload them to the host (``offload_policy``, --cpu-offload).
+
     `replicate_frozen` (`frozen_replication`): the frozen weights (NF4 base, embeddings, norms,
     lm_head) are not FSDP2's to manage at all (`ignored_params`); every rank holds them whole, as
     plain tensors cast once to `param_dtype` (what the mixed-precision policy would cast them to at
@@ -158,7 +160,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     holds only the adapters: their gradients are still reduced once per unit, their state still
     checkpoints as DTensors under every layout. Two cases:
 
-    * a dp_shard of one rank (``ddp``, one process): with nothing to split, FSDP2 would still copy
+    * a dp_shard of one rank (one process): with nothing to split, FSDP2 would still copy
       every frozen weight into an "all-gather" buffer each forward (and again in backward after a
       reshard) and hold that second copy while gathered;
     * the model unit (``per_layer_units`` off) over several ranks: FSDP2 would all-gather the whole
@@ -183,6 +185,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # fsdp_options: reshard_after_forward / offload_policy (fsdp_qlora.train.memory).
     options = dict(fsdp_options or {})
+    if replicated(mesh) and "offload_policy" not in options:  # ddp: nothing for FSDP2 to do (replicate.py)
+        _frozen_in_compute_dtype(model, param_dtype)
+        return replicate_adapters(model, mesh.get_group(REPLICATE_DIM))
     if replicate_frozen:
         options["ignored_params"] = _frozen_in_compute_dtype(model, param_dtype)
         for param in options["ignored_params"] if shard_size(mesh) > 1 else ():
@@ -207,6 +212,21 @@ def _sum_squares_while_reducing(model: nn.Module) -> None:
         if isinstance(unit, FSDPModule):
             unit.set_custom_reduce_scatter(reduced)
     model.reduced_squares = reduced
+
+
+def replicated(mesh: DeviceMesh) -> bool:
+    """Whether the mesh splits nothing across several ranks (``--sharding ddp``): `shard_model` then
+    keeps the model out of FSDP2."""
+    return strategy_of(mesh) == "ddp"
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Whether the next backward reduces the gradients across ranks (off for all but the last
+    micro-batch of a step: they accumulate locally)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    elif getattr(model, "gradient_all_reduce", None) is not None:
+        model.gradient_all_reduce.requires_sync = enabled
 
 
 def reduced_squares_of(model: nn.Module) -> ReducedSquares | None:

@@ -82,6 +82,14 @@ def init_lora_parameters(model: nn.Module, seed: int) -> None:
             module.reset_lora_parameters(generator)
 
 
+def compute_adapters_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Run every adapter's matmuls in `dtype`, its weights cast at each use (peft/lora.py
+    `adapter_weight`): for adapters that no FSDP2 mixed-precision policy casts (``--sharding ddp``)."""
+    for module in model.modules():
+        if isinstance(module, ADAPTER_LAYERS):
+            module.compute_dtype = dtype
+
+
 def adapter_param_groups(model: nn.Module, loraplus_lr_ratio: float, lr: float) -> list[dict]:
     """The trainable parameters as optimizer groups. With LoRA+ (Hayou et al. 2024,
     `loraplus_lr_ratio` != 1) B learns at lr * ratio; like PEFT's `create_loraplus_optimizer`, 1-D

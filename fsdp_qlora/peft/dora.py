@@ -20,11 +20,12 @@ The weight norm without the ``out x in`` product B·A (see `dora_weight_norm`): 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from fsdp_qlora.model import frozen
-from fsdp_qlora.peft.lora import LoRALinear, copy_full_into, module_device
+from fsdp_qlora.peft.lora import LoRALinear, adapter_weight, copy_full_into, module_device
 
 # fp32 elements of W converted at a time for the norm (64 MiB): bounds the transient copy
 # whatever the layer's size, and is a single block for all but the largest projections.
@@ -105,11 +106,12 @@ class DoRALinear(LoRALinear):
         # all use this copy, and none keeps it for backward (NF4 backward re-dequantizes).
         weight = frozen.dense_weight(self.base, x.dtype)
         result = frozen.forward(self.base, x, weight)
-        lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        norm = dora_weight_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        lora_a, lora_b = adapter_weight(self, self.lora_A.weight), adapter_weight(self, self.lora_B.weight)
+        lora_x = self.lora_dropout(x.to(lora_a.dtype))
+        norm = dora_weight_norm(weight, lora_a, lora_b, self.scaling)
         # An fp32 ratio even when bf16 mixed precision hands us m in bf16 (PEFT would round it).
-        scale = self.lora_magnitude_vector.float() / norm
-        lora_result = self.lora_B(self.lora_A(lora_x))
+        scale = adapter_weight(self, self.lora_magnitude_vector).float() / norm
+        lora_result = F.linear(F.linear(lora_x, lora_a), lora_b)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = getattr(self.base, "bias", None)
             base_result = result if bias is None else result - bias

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsdp_qlora.model.experts import expert_in_out, expert_shapes, experts_forward
-from fsdp_qlora.peft.lora import copy_full_into, lora_scaling, module_device
+from fsdp_qlora.peft.lora import adapter_weight, copy_full_into, lora_scaling, module_device
 
 # The attribute holding an experts module's adapters; export recognizes expert adapters by it.
 EXPERT_LORA = "expert_lora"
@@ -33,6 +33,8 @@ EXPERT_LORA = "expert_lora"
 
 class ExpertLoRA(nn.Module):
     """LoRA factors of every expert of one fused weight (PEFT's ParamWrapper layout)."""
+
+    compute_dtype: torch.dtype | None = None  # see peft/lora.py `adapter_weight`
 
     def __init__(self, experts: int, in_features: int, out_features: int, r: int, lora_alpha: float,
                  dtype: torch.dtype = torch.float32, use_rslora: bool = False, device=None):
@@ -64,8 +66,9 @@ class ExpertLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor, index: int, base_out: torch.Tensor) -> torch.Tensor:
         """Expert `index`'s output `base_out` for tokens `x`, plus its low-rank update."""
-        lora_a = self.lora_A.weight.view(self.experts, self.r, self.in_features)[index]
-        lora_b = self.lora_B.weight.view(self.out_features, self.r, self.experts)[:, :, index]
+        # this expert's slices, then cast (`adapter_weight`): not every expert's factors at every call
+        lora_a = adapter_weight(self, self.lora_A.weight.view(self.experts, self.r, self.in_features)[index])
+        lora_b = adapter_weight(self, self.lora_B.weight.view(self.out_features, self.r, self.experts)[:, :, index])
         delta = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * self.scaling
         return (base_out + delta).to(base_out.dtype)
 

@@ -16,6 +16,7 @@ import re
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -43,6 +44,7 @@ class LoRALinear(nn.Module):
     # The checkpoint's tensors of the wrapped module live in this child: the loader maps the HF key
     # `...q_proj.weight` to our `...q_proj.base.weight` by this attribute, without knowing LoRA.
     checkpoint_child = "base"
+    compute_dtype: torch.dtype | None = None  # see `adapter_weight`
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32, use_rslora: bool = False):
@@ -92,13 +94,23 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        delta = self.lora_B(self.lora_A(lora_x)) * self.scaling
+        lora_a, lora_b = adapter_weight(self, self.lora_A.weight), adapter_weight(self, self.lora_B.weight)
+        lora_x = self.lora_dropout(x.to(lora_a.dtype))
+        delta = F.linear(F.linear(lora_x, lora_a), lora_b) * self.scaling
         # Sum before casting back (PEFT's order): with a bf16 base this rounds once, not twice.
         return (result + delta).to(result.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
+
+
+def adapter_weight(adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """An adapter's `weight` in the dtype its matmuls run in: `adapter.compute_dtype` when set, else the
+    weight's own. Under FSDP2 the mixed-precision policy has already cast the fp32 adapters to the
+    compute dtype; outside it (``--sharding ddp``, distributed/replicate.py) `compute_adapters_in` sets
+    `compute_dtype`, and the same cast happens here, so both layouts compute alike, bit for bit. Left
+    unset, fp32 adapters compute in fp32 as PEFT's do."""
+    return weight if adapter.compute_dtype is None else weight.to(adapter.compute_dtype)
 
 
 def module_device(module: nn.Module) -> torch.device:

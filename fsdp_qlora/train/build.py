@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoConfig
 
 from fsdp_qlora.config import QUANTIZED_TRAIN_TYPES, TrainConfig
@@ -27,7 +28,7 @@ from fsdp_qlora.model.loader import (
 from fsdp_qlora.model.quantized_linear import NF4Linear
 from fsdp_qlora.model.structure import decoder_layers, meta_model
 from fsdp_qlora.model.synthetic import fill_synthetic_weights
-from fsdp_qlora.peft.apply import ADAPTER_LAYERS, apply_lora, init_lora_parameters
+from fsdp_qlora.peft.apply import ADAPTER_LAYERS, apply_lora, compute_adapters_in, init_lora_parameters
 from fsdp_qlora.peft.dora import init_dora_magnitudes
 from fsdp_qlora.peft.spec import AdapterSpec
 from fsdp_qlora.peft.targets import count_by_name
@@ -74,6 +75,8 @@ def build_qlora_model(model_dir: Path, cfg: TrainConfig, env: DistEnv, mesh) -> 
     shard_model(model, mesh, param_dtype=compute_dtype, fsdp_options=fsdp_options(cfg),
                 per_layer_units=cfg.fsdp_units == "layer",
                 replicate_frozen=frozen_replication(shard_size(mesh), cfg.fsdp_units == "layer", cfg.cpu_offload))
+    if not isinstance(model, FSDPModule):  # --sharding ddp: no mixed-precision policy casts the adapters
+        compute_adapters_in(model, compute_dtype)
     if cfg.synthetic_weights:  # seeded random rows, drawn and quantized on each rank (model/synthetic.py)
         fill_synthetic_weights(model, env.device, cfg.seed, compute_dtype)
     else:

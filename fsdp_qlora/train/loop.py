@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer
 
 from fsdp_qlora import faults
@@ -20,7 +21,7 @@ from fsdp_qlora.data.pipeline import build_train_data
 from fsdp_qlora.data.sft import IGNORE_INDEX
 from fsdp_qlora.distributed.env import DistEnv, broadcast_object, init_distributed, shutdown
 from fsdp_qlora.distributed.grad_norm import clip_grad_norm
-from fsdp_qlora.distributed.sharding import build_mesh, reduced_squares_of, shard_size
+from fsdp_qlora.distributed.sharding import build_mesh, reduced_squares_of, set_gradient_sync, shard_size
 from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.metrics.logger import MetricsLogger
 from fsdp_qlora.metrics.progress import Progress
@@ -134,7 +135,7 @@ def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step:
     # (train/precision.py), and the gradients are unscaled before clipping.
     loss_sum = torch.zeros((), device=env.device)
     for i, batch in enumerate(micro):
-        model.set_requires_gradient_sync(i == len(micro) - 1)
+        set_gradient_sync(model, i == len(micro) - 1)
         loss = token_loss_sum(model, batch, loss_chunk_tokens)
         if faults.nan_loss_at(step):
             loss = loss * float("nan")
@@ -267,7 +268,8 @@ def _resume(path: Path, cfg, env, checkpoints, model, optimizer, scheduler) -> T
 
 
 def _export_adapter(model: nn.Module, cfg: TrainConfig, env: DistEnv, model_dir: Path, out_dir: Path) -> None:
-    # full_tensor() all-gathers each adapter tensor: every rank joins, rank 0 writes.
-    full = {name: p.full_tensor().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    # full_tensor() all-gathers each sharded adapter tensor: every rank joins, rank 0 writes.
+    full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in model.named_parameters() if p.requires_grad}
     if env.is_main:
         export_trained_adapter(out_dir, full, AdapterSpec.from_config(cfg), str(model_dir.resolve()))

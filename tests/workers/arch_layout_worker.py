@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
@@ -33,7 +34,8 @@ IDS = torch.randint(4, 1000, (2, 12), generator=torch.Generator().manual_seed(0)
 def base_digests(model) -> dict[str, str]:
     tensors = {}
     for index, layer in enumerate(decoder_layers(model)):
-        layer.unshard()  # FSDP2 all-gathers the layer: the NF4 weights are whole tensors now
+        if isinstance(layer, FSDPModule):  # not under --sharding ddp, which leaves the model out of FSDP2
+            layer.unshard()  # FSDP2 all-gathers the layer: the NF4 weights are whole tensors now
         for name, module in layer.named_modules():
             if isinstance(module, NF4Linear):
                 weight = module.weight
@@ -51,7 +53,8 @@ def base_digests(model) -> dict[str, str]:
                     for part, tensor in zip(QUANT_PARTS, quantized.inner_tensors()):
                         tensors[f"{key}.{part}"] = tensor_digest(tensor)
                     tensors[f"{key}.dequantized"] = tensor_digest(quantized.dequantize())
-        layer.reshard()
+        if isinstance(layer, FSDPModule):
+            layer.reshard()
     return tensors
 
 

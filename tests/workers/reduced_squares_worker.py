@@ -3,7 +3,8 @@ the norm of the all-gathered gradients, on a real tiny Llama, per FSDP unit layo
 
 argv: <result json> <model dir>. Rank 0 writes, per --fsdp-units, the norm from the reduction's
 squares, the collective path's norm (`clip_grad_norm` without squares), the norm of the full
-gradients, and whether the ddp layout (nothing to reduce-scatter) installs no `ReducedSquares`.
+gradients, whether the ddp layout (nothing to reduce-scatter) installs no `ReducedSquares`, and what
+the ddp layout's model is made of (FSDP2 modules, DTensor adapters, dtypes, its gradient reducer).
 """
 
 import json
@@ -11,11 +12,14 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.grad_norm import clip_grad_norm
 from fsdp_qlora.distributed.sharding import build_mesh, reduced_squares_of
+from fsdp_qlora.peft.apply import ADAPTER_LAYERS
 from fsdp_qlora.train.build import build_qlora_model
 
 
@@ -38,6 +42,13 @@ def main() -> None:
     seen = {units: norms(model_dir, env, build_mesh(env, "fsdp"), units) for units in ("layer", "model")}
     ddp = build_qlora_model(model_dir, TrainConfig(model=str(model_dir)), env, build_mesh(env, "ddp"))
     seen["ddp_has_reduced_squares"] = reduced_squares_of(ddp) is not None
+    adapters = [p for p in ddp.parameters() if p.requires_grad]
+    seen["ddp_layout"] = {
+        "fsdp_modules": sum(isinstance(m, FSDPModule) for m in ddp.modules()),
+        "dtensor_adapters": sum(isinstance(p, DTensor) for p in adapters),
+        "adapter_dtypes": sorted({str(p.dtype) for p in adapters}),
+        "compute_dtypes": sorted({str(m.compute_dtype) for m in ddp.modules() if isinstance(m, ADAPTER_LAYERS)}),
+        "gradient_all_reduce": getattr(ddp, "gradient_all_reduce", None) is not None}
     if env.rank == 0:
         result.write_text(json.dumps(seen))
     shutdown()
