@@ -168,11 +168,13 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile each decoder layer's forward (inductor, CPU and GPU): fused elementwise "
                          "work, less per-op overhead; the first steps are slower while it compiles")
     plan: bool = _opt(False, "print the per-GPU memory plan for these settings and exit without loading weights")
-    gpu_memory_gib: float = _opt(0.0, "GPU memory per device for --plan and the fit warning; 0 = the device's own "
-                                 "(24 on a machine without a GPU)")
+    gpu_memory_gib: float = _opt(0.0, "GPU memory per device for --plan, the fit warning and --sharding auto; 0 = "
+                                 "the device's own (24 on a machine without a GPU; a CPU run plans nothing unless "
+                                 "given)")
     # -- multi-GPU and multi-node (docs/multinode.md) --
     sharding: str = _opt("auto", "fsdp: shard over all ranks; hsdp: shard within a node, replicate across nodes; "
-                         "ddp: full NF4 base on every rank, all-reduce adapter grads; auto: hsdp on >1 node, else fsdp",
+                         "ddp: full NF4 base on every rank, all-reduce adapter grads; auto: ddp when the memory plan of "
+                         "the whole model fits each GPU, else hsdp on >1 node, else fsdp",
                          choices=SHARDING_TYPES)
     replicate_groups: int = _opt(0, "hsdp replica groups (the dp_replicate size); 0 = one per node, from "
                                  "WORLD_SIZE/LOCAL_WORLD_SIZE or SLURM_NNODES")

@@ -61,7 +61,7 @@ def test_ratio_is_ours_over_peer_per_repeat(bench):
 def test_ours_command_matches_the_documented_one(bench):
     cmd = bench.ours_command(_args(steps=30), "<tmp>", bench.OURS["ours"][0])
     assert " ".join(cmd) == ("torchrun --standalone --nproc_per_node 2 train.py --model tiny-llama --max-steps 30 "
-                             "--batch-size 4 --context-length 256 --output-dir <tmp> --log-every 1 --lora-dropout 0")
+                             "--batch-size 4 --context-length 256 --output-dir <tmp> --log-every 1 --lora-dropout 0 --sharding fsdp")
     assert bench.ours_command(_args(), "x", bench.OURS["ours-ddp"][0])[-2:] == ["--sharding", "ddp"]
 
 

@@ -1,10 +1,12 @@
 """The memory planner: static parts equal a real sharded model's bytes (dense and mixture-of-experts);
 the whole plan near a tracked peak; the CLI and --plan dry run."""
 
+import dataclasses
 import json
 
 import pytest
 
+from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.model.tiny_llama import TINY_LLAMA_CONFIG, generate_llama
 from fsdp_qlora.train.plan_advice import auto_plan, describe_options
 from fsdp_qlora.train.planner import (
@@ -142,6 +144,22 @@ def test_auto_replicates_a_model_that_fits_one_gpu():
     assert describe_options(best.options).startswith("--sharding ddp")
     best, _ = auto_plan(KNOWN_CONFIGS["llama-70b"], options(world_size=2, context_length=2048), 24 * GIB)
     assert best.options.sharding == "fsdp" and best.options.world_size == 2  # 35 GB of NF4 fits no 24 GB card
+
+
+def test_sharding_auto_replicates_what_fits_each_gpu():
+    """--sharding auto's rule (plan_advice.replication_fits): the plan of --sharding ddp (the whole model on
+    each rank) must fit; not for one rank, an explicit layout, --cpu-offload or replica groups."""
+    from fsdp_qlora.train.plan_advice import replication_fits
+
+    eight_b, seventy_b = KNOWN_CONFIGS["llama-3-8b"], KNOWN_CONFIGS["llama-70b"]
+    cfg = TrainConfig(context_length=2048, batch_size=1, activation_checkpointing=True)  # 9.3 / 42.8 GiB
+    assert replication_fits(cfg, eight_b, 8, 24 * GIB)
+    assert not replication_fits(cfg, seventy_b, 2, 24 * GIB)  # 35 GB of NF4
+    assert replication_fits(cfg, seventy_b, 2, 80 * GIB)
+    assert not replication_fits(dataclasses.replace(cfg, activation_checkpointing=False), eight_b, 8, 24 * GIB)
+    assert not replication_fits(cfg, eight_b, 1, 24 * GIB)
+    for other in ({"sharding": "fsdp"}, {"cpu_offload": True}, {"replicate_groups": 2}):
+        assert not replication_fits(dataclasses.replace(cfg, **other), eight_b, 8, 24 * GIB), other
 
 
 def test_only_lm_head_stays_gathered_and_the_embedding_gather_can_set_the_peak():

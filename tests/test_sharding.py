@@ -28,6 +28,13 @@ def test_resolve_layout():
     assert resolve_layout("auto", 8, environ={"LOCAL_WORLD_SIZE": "4"}).mesh_shape == (2, 4)
     assert resolve_layout("auto", 4, environ={"LOCAL_WORLD_SIZE": "4"}).strategy == "fsdp"
     assert resolve_layout("auto", 4, environ={"SLURM_JOB_ID": "7", "SLURM_NNODES": "2"}).mesh_shape == (2, 2)
+    # auto with the whole model fitting each GPU: replicated, on one node or several, unless replica
+    # groups are asked for; one rank has nothing to replicate
+    assert resolve_layout("auto", 4, environ={}, replication_fits=True).mesh_shape == (4, 1)
+    assert resolve_layout("auto", 8, environ={"LOCAL_WORLD_SIZE": "4"}, replication_fits=True).strategy == "ddp"
+    assert resolve_layout("auto", 4, 2, environ={}, replication_fits=True).strategy == "hsdp"
+    assert resolve_layout("auto", 1, environ={}, replication_fits=True).strategy == "fsdp"
+    assert resolve_layout("fsdp", 4, environ={}, replication_fits=True).strategy == "fsdp"
     with pytest.raises(ShardingError, match="3 equal replica groups"):
         resolve_layout("hsdp", 4, 3, environ={})
 
@@ -134,6 +141,19 @@ def test_hsdp_2x2_matches_fsdp_4(tmp_path_factory, cache):
     assert "hsdp (dp_replicate=2 x dp_shard=2)" in proc.stdout + proc.stderr
     fsdp, _ = _train(tmp_path_factory, cache, "fsdp4", 4, "--sharding", "fsdp")
     _close(hsdp, fsdp)
+
+
+@pytest.mark.slow
+def test_auto_replicates_when_the_whole_model_fits_each_gpu(tmp_path, cache):
+    """--sharding auto: the memory plan decides (train/plan_advice.py `auto_replicates`). A CPU run
+    plans for no GPU and keeps FSDP2; given a GPU size the tiny model fits, the run replicates."""
+    for flags, expected in ((["--gpu-memory-gib", "24"], "sharding: ddp (dp_replicate=2 x dp_shard=1) (auto: "
+                                                          "the whole model fits each GPU)"),
+                            ([], "sharding: fsdp (dp_shard=2)")):
+        run_dir = tmp_path / ("gpu" if flags else "cpu") / "run"
+        proc = run_torchrun(REPO / "train.py", 2, "--output-dir", str(run_dir), "--max-steps", "1",
+                            "--context-length", "64", "--save-every", "0", *flags, env=subprocess_env(cache))
+        assert expected in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.slow

@@ -4,9 +4,10 @@
         [--model tiny-llama] [--batch-size 4] [--context-length 256] [--repeats 2] [--json out.json]
 
 Ours (``--ours``): ``torchrun --standalone --nproc_per_node N train.py ...`` (N ranks, one thread
-each, as torchrun sets it); its tokens/s is read from the run's metrics.jsonl. ``ours`` is the plain
-command (FSDP2 sharding the NF4 base over the N ranks), ``ours-ddp`` the same with ``--sharding ddp``
-(the NF4 base replicated, only the adapters' gradients all-reduced): our two layouts. ``-compile``
+each, as torchrun sets it); its tokens/s is read from the run's metrics.jsonl. ``ours`` is the command
+with ``--sharding fsdp`` (FSDP2 over the N ranks; the defaults on CPU, while on a GPU the whole model
+fits ``--sharding auto`` replicates), ``ours-ddp`` with ``--sharding ddp`` (the model replicated
+outside FSDP2, only the adapters' gradients all-reduced): our two layouts. ``-compile``
 adds ``--compile``; ``ours-layer-units`` pins the schedule the defaults had before the planner chose
 it (a unit per layer, dequantizing twice), for before/after comparisons.
 
@@ -96,13 +97,15 @@ def _env(threads: int) -> dict[str, str]:
 
 OURS = {
     # name: (extra train.py flags, description)
-    "ours": ((), "ours: FSDP2 QLoRA, NF4Tensor base"),
+    # --sharding fsdp, not auto's choice: on a GPU the whole model fits, auto would replicate (ours-ddp)
+    "ours": (("--sharding", "fsdp"), "ours: FSDP2 QLoRA, NF4Tensor base"),
     "ours-ddp": (("--sharding", "ddp"), "ours --sharding ddp"),
-    "ours-compile": (("--compile",), "ours --compile"),
+    "ours-compile": (("--sharding", "fsdp", "--compile"), "ours --compile"),
     "ours-ddp-compile": (("--sharding", "ddp", "--compile"), "ours --sharding ddp --compile"),
     # the schedule the defaults had before the planner chose it (issue 16): a unit per layer,
     # every NF4 weight dequantized in forward and again in backward
-    "ours-layer-units": (("--fsdp-units", "layer", "--no-dequantize-once"), "ours, per-layer units, dequantizing twice"),
+    "ours-layer-units": (("--sharding", "fsdp", "--fsdp-units", "layer", "--no-dequantize-once"),
+                         "ours, per-layer units, dequantizing twice"),
 }
 
 

@@ -1,6 +1,6 @@
 """FSDP2 sharding: a DeviceMesh over the world, each decoder layer then the root.
 
-Three layouts (``--sharding``), all built on FSDP2's per-parameter DTensors:
+Three layouts (``--sharding``); fsdp and hsdp are FSDP2's per-parameter DTensors, ddp stays out of FSDP2:
 
 * ``fsdp``: a 1-D mesh ``("dp_shard",)`` over every rank; each parameter (the NF4 base and the
   adapters) is split by rows across all ranks, all-gathered per layer for compute; with the model
@@ -18,7 +18,9 @@ Three layouts (``--sharding``), all built on FSDP2's per-parameter DTensors:
   checkpoints of the same adapter and optimizer keys (a checkpoint resumes under any of the three
   layouts). For a model whose 4-bit base fits on one GPU, replication skips every all-gather.
 
-``auto`` (the default) is ``hsdp`` when the job spans several nodes and ``fsdp`` otherwise.
+``auto`` (the default) is ``ddp`` when the caller found that the whole model fits each GPU (the
+memory plan: train/plan_advice.py `auto_replicates`; replication skips every all-gather), else
+``hsdp`` when the job spans several nodes and ``fsdp`` otherwise.
 """
 
 from __future__ import annotations
@@ -86,15 +88,17 @@ def detect_nodes(world_size: int, environ: dict | None = None) -> int:
 
 
 def resolve_layout(sharding: str, world_size: int, replicate_groups: int = 0,
-                   environ: dict | None = None) -> Layout:
-    """--sharding and --replicate-groups (0 = one group per node) -> the mesh layout."""
+                   environ: dict | None = None, replication_fits: bool = False) -> Layout:
+    """--sharding and --replicate-groups (0 = one group per node) -> the mesh layout; `replication_fits`:
+    every rank can hold the whole model (auto then replicates, unless replica groups were asked for)."""
     if sharding not in SHARDING_CHOICES:
         raise ShardingError(f"--sharding {sharding!r} is not one of {', '.join(SHARDING_CHOICES)}")
     if replicate_groups < 0:
         raise ShardingError(f"--replicate-groups must be >= 0 (0 = one per node), got {replicate_groups}")
     groups = replicate_groups or detect_nodes(world_size, environ)
     if sharding == "auto":
-        sharding = "hsdp" if groups > 1 else "fsdp"
+        replicate = replication_fits and world_size > 1 and not replicate_groups
+        sharding = "ddp" if replicate else "hsdp" if groups > 1 else "fsdp"
     if sharding == "fsdp":
         return Layout("fsdp", 1, world_size)
     if sharding == "ddp":
@@ -105,11 +109,13 @@ def resolve_layout(sharding: str, world_size: int, replicate_groups: int = 0,
     return Layout("hsdp", groups, world_size // groups)
 
 
-def build_mesh(env: DistEnv, sharding: str = "fsdp", replicate_groups: int = 0) -> DeviceMesh:
-    layout = resolve_layout(sharding, env.world_size, replicate_groups)
+def build_mesh(env: DistEnv, sharding: str = "fsdp", replicate_groups: int = 0,
+               replication_fits: bool = False) -> DeviceMesh:
+    layout = resolve_layout(sharding, env.world_size, replicate_groups, replication_fits=replication_fits)
     mesh = init_device_mesh(env.device.type, layout.mesh_shape, mesh_dim_names=layout.mesh_dim_names)
     if env.is_main and env.world_size > 1:
-        print(f"sharding: {describe(mesh)}", flush=True)
+        why = " (auto: the whole model fits each GPU)" if sharding == "auto" and layout.strategy == "ddp" else ""
+        print(f"sharding: {describe(mesh)}{why}", flush=True)
     return mesh
 
 

@@ -36,7 +36,7 @@ from fsdp_qlora.train.evaluate import evaluate
 from fsdp_qlora.train.loss import token_loss_sum
 from fsdp_qlora.train.memory import check_device_options
 from fsdp_qlora.train.optim import build_optimizer, build_scheduler
-from fsdp_qlora.train.plan_advice import warn_if_plan_does_not_fit
+from fsdp_qlora.train.plan_advice import auto_replicates, warn_if_plan_does_not_fit
 from fsdp_qlora.train.precision import LossScaler, resolve_compute_dtype
 from fsdp_qlora.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, PreemptionFlag, TrainingInterrupted
 
@@ -62,7 +62,9 @@ def train(cfg: TrainConfig) -> Path:
         data = build_train_data(cfg, tokenizer, env.rank, env.world_size, env.is_main, env.local_rank)
         if saved:
             _restore_data_position(data, saved, env)  # refuses changed data content, before weights
-        mesh = build_mesh(env, cfg.sharding, cfg.replicate_groups)  # fsdp | hsdp | ddp
+        # auto: ddp when the whole model fits each GPU (rank 0's plan, so that every rank builds one mesh)
+        replicate = broadcast_object(env.is_main and auto_replicates(cfg, model_dir, env.world_size, env.device))
+        mesh = build_mesh(env, cfg.sharding, cfg.replicate_groups, replicate)  # fsdp | hsdp | ddp
         if env.is_main:
             warn_if_plan_does_not_fit(cfg, model_dir, shard_size(mesh), env.device)  # before loading weights
         model = build_qlora_model(model_dir, cfg, env, mesh)

@@ -104,15 +104,42 @@ def advice(config: dict[str, Any], opt: Options, gpu_bytes: int) -> str:
     return f"try: {describe_options(plan.options)} (predicted {plan.needed() / GIB:.1f} GiB per GPU)"
 
 
+def replication_fits(cfg, config: dict[str, Any], world_size: int, gpu_bytes: int) -> bool:
+    """--sharding auto on several ranks: whether the plan of ``--sharding ddp`` (every rank holding the
+    whole model) fits `gpu_bytes`. Replication skips every all-gather: on 2 CPU ranks it ran 1.04-1.13x
+    the FSDP2 layout's tokens/s (docs/benchmarks.md). Not with --cpu-offload (FSDP2's, for sharded
+    weights) or explicit --replicate-groups; False for an architecture the planner does not model."""
+    if cfg.sharding != "auto" or world_size < 2 or cfg.replicate_groups or cfg.cpu_offload:
+        return False
+    try:
+        return plan_memory(config, Options(cfg, 1, "ddp")).fits(gpu_bytes)
+    except (KeyError, ValueError):
+        return False
+
+
+def auto_replicates(cfg, model_dir, world_size: int, device) -> bool:
+    """`replication_fits` for a run on `device`: on its GPU's memory (or --gpu-memory-gib); a CPU run
+    plans for no GPU (as the fit warning) and keeps FSDP2 unless --gpu-memory-gib is given."""
+    if cfg.sharding != "auto" or (getattr(device, "type", None) != "cuda" and cfg.gpu_memory_gib <= 0):
+        return False
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (ValueError, OSError):
+        return False
+    return replication_fits(cfg, config, world_size, gpu_bytes_for(cfg.gpu_memory_gib, device))
+
+
 def plan_train_config(cfg, world_size: int, nodes: int | None = None) -> tuple[dict[str, Any], Plan]:
     """(model config, plan) of a TrainConfig on `world_size` ranks over `nodes` (None: from the
     environment, as in a launch). Under HSDP a parameter is sharded over one node's ranks only,
-    so that is the planner's world; `plan.options.sharding` is the resolved layout."""
+    so that is the planner's world; `plan.options.sharding` is the resolved layout (auto: ddp when
+    the whole model fits the GPU, `replication_fits`)."""
     from fsdp_qlora.distributed.sharding import resolve_layout
 
     environ = None if nodes is None else {"LOCAL_WORLD_SIZE": str(max(1, world_size // nodes))}
-    layout = resolve_layout(cfg.sharding, world_size, cfg.replicate_groups, environ)
     config = load_model_config(cfg.model)
+    fits = replication_fits(cfg, config, world_size, gpu_bytes_for(cfg.gpu_memory_gib))
+    layout = resolve_layout(cfg.sharding, world_size, cfg.replicate_groups, environ, fits)
     opt = Options(cfg, layout.shard, layout.strategy)
     return config, plan_memory(config, opt)
 
