@@ -155,7 +155,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     Compute runs in `param_dtype` (the fp32 adapters are cast for the matmuls); gradients
     are reduced in fp32 so that averaging across ranks loses nothing.
 
-    ``--sharding ddp`` over several ranks (`replicated`) shards nothing: the frozen weights are cast
+    ``--sharding ddp`` over several ranks shards nothing: the frozen weights are cast
     to `param_dtype` as below and the adapters are replicated (distributed/replicate.py), unless
     FSDP2 is to offload them to the host (``offload_policy``, --cpu-offload).
 
@@ -191,7 +191,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # fsdp_options: reshard_after_forward / offload_policy (fsdp_qlora.train.memory).
     options = dict(fsdp_options or {})
-    if replicated(mesh) and "offload_policy" not in options:  # ddp: nothing for FSDP2 to do (replicate.py)
+    if strategy_of(mesh) == "ddp" and "offload_policy" not in options:  # nothing for FSDP2 to do (replicate.py)
         _frozen_in_compute_dtype(model, param_dtype)
         return replicate_adapters(model, mesh.get_group(REPLICATE_DIM))
     if replicate_frozen:
@@ -218,12 +218,6 @@ def _sum_squares_while_reducing(model: nn.Module) -> None:
         if isinstance(unit, FSDPModule):
             unit.set_custom_reduce_scatter(reduced)
     model.reduced_squares = reduced
-
-
-def replicated(mesh: DeviceMesh) -> bool:
-    """Whether the mesh splits nothing across several ranks (``--sharding ddp``): `shard_model` then
-    keeps the model out of FSDP2."""
-    return strategy_of(mesh) == "ddp"
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

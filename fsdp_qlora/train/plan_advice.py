@@ -4,9 +4,7 @@ the fit warning before a GPU run); the estimate itself is train/planner.py."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 from fsdp_qlora.train.planner import (
@@ -120,10 +118,10 @@ def replication_fits(cfg, config: dict[str, Any], world_size: int, gpu_bytes: in
 def auto_replicates(cfg, model_dir, world_size: int, device) -> bool:
     """`replication_fits` for a run on `device`: on its GPU's memory (or --gpu-memory-gib); a CPU run
     plans for no GPU (as the fit warning) and keeps FSDP2 unless --gpu-memory-gib is given."""
-    if cfg.sharding != "auto" or (getattr(device, "type", None) != "cuda" and cfg.gpu_memory_gib <= 0):
+    if cfg.sharding != "auto" or not _plans_for_gpu(cfg, device):
         return False
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config = load_model_config(str(model_dir))
     except (ValueError, OSError):
         return False
     return replication_fits(cfg, config, world_size, gpu_bytes_for(cfg.gpu_memory_gib, device))
@@ -169,7 +167,7 @@ def resolve_speed_options(cfg, model_dir, shard_ranks: int, device):
     if cfg.fsdp_units != "auto" and cfg.dequantize_once is not None:
         return cfg
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config = load_model_config(str(model_dir))
         chosen = choose_speed_options(config, Options(cfg, shard_ranks), gpu_bytes_for(cfg.gpu_memory_gib, device))
         units, once = chosen.fsdp_units, chosen.dequantize_once
     except (KeyError, ValueError, OSError):
@@ -178,13 +176,19 @@ def resolve_speed_options(cfg, model_dir, shard_ranks: int, device):
                                dequantize_once=once if cfg.dequantize_once is None else cfg.dequantize_once)
 
 
+def _plans_for_gpu(cfg, device) -> bool:
+    """Whether a run on `device` has GPU memory to plan for: a GPU's, or --gpu-memory-gib's (a CPU run
+    has none unless the flag gives it one)."""
+    return getattr(device, "type", None) == "cuda" or cfg.gpu_memory_gib > 0
+
+
 def warn_if_plan_does_not_fit(cfg, model_dir, shard_ranks: int, device) -> None:
     """Before loading weights on a GPU: warn, with the plan's advice, when the settings won't fit.
     `shard_ranks`: the ranks one parameter is split over (the mesh's dp_shard size)."""
-    if getattr(device, "type", None) != "cuda" and cfg.gpu_memory_gib <= 0:
-        return  # CPU training: no GPU memory to plan for (pass --gpu-memory-gib to check one anyway)
+    if not _plans_for_gpu(cfg, device):
+        return
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config = load_model_config(str(model_dir))
         opt = Options(cfg, shard_ranks)
         gpu = gpu_bytes_for(cfg.gpu_memory_gib, device)
         plan = plan_memory(config, opt)
