@@ -17,6 +17,7 @@ Network interfaces and NCCL settings are environment variables read by the backe
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -115,6 +116,11 @@ def broadcast_object(value, src: int = 0):
 
 
 def shutdown() -> None:
+    # Free unreachable (cyclic) FSDP2 models now, while the process group and the interpreter are
+    # alive: collected at interpreter exit, tensors gloo's work objects still reference are destroyed
+    # from a thread that cannot take the GIL, and the rank aborts (pytorch/pytorch#179291; seen in a
+    # test worker that builds models in a function, tests/workers/unit_gather_worker.py).
+    gc.collect()
     if dist.is_initialized():
         # gloo aborts ("terminate called without an active exception") if a rank tears down
         # while a peer still has collectives in flight.
