@@ -84,7 +84,14 @@ class ReducedSquares:
             self._squares = None
             return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=True)
         dist.all_reduce(input_tensor, op=op, group=group)
-        squares = torch.linalg.vector_norm(input_tensor, dtype=torch.float64).square()
-        self._squares = squares if self._squares is None else self._squares + squares
+        self._add_squares(input_tensor)
         output_tensor.copy_(input_tensor.view(group.size(), -1)[dist.get_rank(group)].view_as(output_tensor))
         return None
+
+    def _add_squares(self, reduced: torch.Tensor) -> None:
+        # In float64 over 64 Ki-element pieces: a float64 copy of the whole buffer at once (what
+        # `vector_norm(reduced, dtype=float64)` makes) cost 7 ms of a SmolLM2 step for its 9.8 MB,
+        # mostly page faults of the fresh allocation; the pieces' copies stay small (torch.profiler).
+        pieces = reduced.view(-1).split(1 << 16)
+        squares = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float64)).square().sum()
+        self._squares = squares if self._squares is None else self._squares + squares

@@ -27,6 +27,7 @@ from fsdp_qlora.metrics.logger import MetricsLogger
 from fsdp_qlora.metrics.progress import Progress
 from fsdp_qlora.metrics.system import flops_per_token, memory_scalars, peak_tflops
 from fsdp_qlora.model.gguf import gguf_note
+from fsdp_qlora.model.host_memory import reuse_freed_memory
 from fsdp_qlora.model.sources import resolve_model
 from fsdp_qlora.peft.apply import adapter_param_groups
 from fsdp_qlora.peft.export import export_trained_adapter
@@ -68,6 +69,8 @@ def train(cfg: TrainConfig) -> Path:
         if env.is_main:
             warn_if_plan_does_not_fit(cfg, model_dir, shard_size(mesh), env.device)  # before loading weights
         model = build_qlora_model(model_dir, cfg, env, mesh)
+        if env.device.type == "cpu":  # the steps reuse freed host memory: no fresh pages for every transient
+            reuse_freed_memory()
         _train_loop(model, data, cfg, env, run_dir, model_dir, checkpoints, resume_from)
         _export_adapter(model, cfg, env, model_dir, run_dir / "adapter")
         return run_dir

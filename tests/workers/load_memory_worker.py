@@ -19,6 +19,7 @@ from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.distributed.env import init_distributed, shutdown
 from fsdp_qlora.distributed.sharding import build_mesh
 from fsdp_qlora.metrics.system import peak_rss, reset_peak_rss
+from fsdp_qlora.model.host_memory import reuse_freed_memory
 from fsdp_qlora.model.loader import local_weight_bytes
 from fsdp_qlora.peft.apply import adapter_param_groups
 from fsdp_qlora.train.build import build_qlora_model
@@ -61,6 +62,8 @@ def main() -> None:
                "load_peak_growth": peak_rss() - baseline,
                "rss_growth_after_load": psutil.Process().memory_info().rss - baseline}
     if steps:
+        if env.device.type == "cpu":  # as train.py does after the load
+            reuse_freed_memory()
         figures["step_s"] = train_steps(model, cfg, steps)
         figures["rss_growth_after_steps"] = psutil.Process().memory_info().rss - baseline
     figures["peak_growth"] = peak_rss() - baseline
