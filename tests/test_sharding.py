@@ -228,3 +228,13 @@ def test_replicated_gradients_are_the_mean_over_ranks_in_bucket_order(tmp_path):
         assert rank["buckets"] == [[5], [4, 3], [2, 1, 0]]
         assert rank["first_backward_local"] and all(rank["mean"]) and all(rank["again"]), rank
 
+
+
+def test_pair_collectives_give_gloos_bits(tmp_path):
+    """2 gloo ranks: the one-exchange sum (sync, async with several in flight, 0-d) and all-gather of
+    distributed/pair.py equal gloo's all_reduce and all_gather_into_tensor bit for bit."""
+    run_torchrun(REPO / "tests/workers/pair_worker.py", 2, str(tmp_path / "pair.json"), timeout=120)
+    seen = json.loads((tmp_path / "pair.json").read_text())
+    assert seen["is_pair"] is True
+    assert all(seen["sums"].values()) and len(seen["sums"]) == 6, seen
+    assert all(seen["gathers"].values()) and len(seen["gathers"]) == 2, seen

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from fsdp_qlora.distributed.pair import all_reduce_sum, is_pair
+
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
                    reduced_squares: torch.Tensor | None = None) -> float:
@@ -83,7 +85,12 @@ class ReducedSquares:
         if async_op:  # FSDP2 does not ask for it (it waits); kept correct, without the squares
             self._squares = None
             return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=True)
-        dist.all_reduce(input_tensor, op=op, group=group)
+        if op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) and is_pair(group):  # one exchange (distributed/pair.py)
+            all_reduce_sum(input_tensor, group)
+            if op == dist.ReduceOp.AVG:
+                input_tensor.div_(2)  # gloo's AVG: the sum over the ranks, divided by their count
+        else:
+            dist.all_reduce(input_tensor, op=op, group=group)
         self._add_squares(input_tensor)
         output_tensor.copy_(input_tensor.view(group.size(), -1)[dist.get_rank(group)].view_as(output_tensor))
         return None

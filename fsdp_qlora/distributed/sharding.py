@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -36,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from fsdp_qlora.config import SHARDING_TYPES
 from fsdp_qlora.distributed.env import DistEnv
 from fsdp_qlora.distributed.grad_norm import ReducedSquares
+from fsdp_qlora.distributed.pair import PairAllGather, is_pair
 from fsdp_qlora.distributed.replicate import replicate_adapters
 from fsdp_qlora.errors import ConfigError
 from fsdp_qlora.model.loader import load_split
@@ -206,17 +208,21 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     options.pop("reshard_after_forward", None)  # the root keeps FSDP2's own choice (no reshard: backward is next)
     fully_shard(model, mesh=mesh, mp_policy=policy, **options)
     if mesh.device_type == "cpu" and strategy_of(mesh) == "fsdp" and mesh.size() > 1:
-        _sum_squares_while_reducing(model)
+        _cpu_collectives(model, mesh.get_group())
     return model
 
 
-def _sum_squares_while_reducing(model: nn.Module) -> None:
+def _cpu_collectives(model: nn.Module, group: dist.ProcessGroup) -> None:
     """Every unit reduces its gradients through one `ReducedSquares`, kept as `model.reduced_squares`
-    for the loop's gradient clipping (distributed/grad_norm.py): one collective fewer per step."""
+    for the loop's gradient clipping (distributed/grad_norm.py): one collective fewer per step. Over
+    two ranks the units' all-gathers and reductions are exchanges (distributed/pair.py)."""
     reduced = ReducedSquares()
+    gather = PairAllGather() if is_pair(group) else None
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             unit.set_custom_reduce_scatter(reduced)
+            if gather is not None:
+                unit.set_custom_all_gather(gather)
     model.reduced_squares = reduced
 
 

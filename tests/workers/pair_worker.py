@@ -1,0 +1,64 @@
+"""distributed/pair.py on 2 gloo ranks, against gloo's own collectives.
+
+argv: <result json>. Random fp32 buffers (with values of mixed magnitude, where the order of a sum
+shows in its bits) are summed by `all_reduce_sum` (sync and async, several in flight at once, one
+of them 0-d) and by `dist.all_reduce`; bf16 and uint8 buffers are gathered by `PairAllGather` and by
+`dist.all_gather_into_tensor`. Rank 0 writes whether each pair of results is bit-identical.
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from fsdp_qlora.distributed.env import init_distributed, shutdown
+from fsdp_qlora.distributed.pair import PairAllGather, all_reduce_sum, is_pair
+
+
+def buffers(rank: int, seed: int, numel: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 10 + rank)
+    return torch.randn(numel, generator=generator) * torch.logspace(-8, 8, numel)[torch.randperm(numel, generator=generator)]
+
+
+def main() -> None:
+    env = init_distributed()
+    seen = {"is_pair": is_pair(None)}
+    sums = {}
+    for seed, numel in enumerate([1, 1000, 65536, 300001]):
+        mine = buffers(env.rank, seed, numel)
+        expected = mine.clone()
+        dist.all_reduce(expected)
+        ours = mine.clone()
+        all_reduce_sum(ours)
+        sums[f"sync {numel}"] = torch.equal(ours, expected)
+    in_flight = [buffers(env.rank, 10 + i, n) for i, n in enumerate([513, 7, 4096])]
+    expected = [t.clone() for t in in_flight]
+    for t in expected:
+        dist.all_reduce(t)
+    works = [all_reduce_sum(t, async_op=True) for t in in_flight]
+    for work in reversed(works):  # waited in any order
+        work.wait()
+    sums["async, three in flight"] = all(torch.equal(a, b) for a, b in zip(in_flight, expected))
+    scalar = torch.tensor(float(env.rank + 1))
+    all_reduce_sum(scalar)
+    sums["0-d"] = scalar.item() == 3.0
+    seen["sums"] = sums
+    gathers = {}
+    gather = PairAllGather()
+    for dtype, numel in [(torch.bfloat16, 1000), (torch.uint8, 4097)]:
+        mine = (buffers(env.rank, 20, numel) * 100).to(dtype)
+        expected = torch.empty(2 * numel, dtype=dtype)
+        dist.all_gather_into_tensor(expected, mine)
+        ours = gather.allocate((2 * numel,), dtype=dtype, device=mine.device)
+        assert gather(ours, mine, dist.group.WORLD) is None
+        gathers[str(dtype)] = torch.equal(ours, expected)
+    seen["gathers"] = gathers
+    if env.rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(seen, f)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
