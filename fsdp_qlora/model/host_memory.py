@@ -81,9 +81,9 @@ def reuse_freed_memory() -> bool:
     zeroed by the kernel: on SmolLM2-135M over 2 CPU ranks (FSDP2, batch 2 x 256 tokens) that was
     ~23k minor faults and ~50 ms of system time per rank and step, and 310 tokens/s against 360 with
     the blocks reused (docs/benchmarks.md). Called after the load, whose host-memory bound holds as
-    before (`large_allocations_via_mmap`); the step's own peak is unchanged, but RSS no longer drops
-    between steps. Only on CPU: on a GPU a step's transients are device memory. Returns False (and
-    does nothing) outside glibc.
+    before (`large_allocations_via_mmap`). RSS no longer drops between steps, and what the first
+    step adds on top of the load varies from run to run (tests/test_loader_memory.py). Only on CPU:
+    on a GPU a step's transients are device memory. Returns False (and does nothing) outside glibc.
     """
     mallopt = getattr(_libc(), "mallopt", None)
     return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, REUSE_MMAP_THRESHOLD_BYTES)
