@@ -115,7 +115,7 @@ def faults_per_block(blocks=20, nbytes=4 << 20):
 
 host_memory.serve_large_allocations_by_mmap()  # the load's rule
 loading = faults_per_block()
-reused = host_memory.reuse_freed_memory()  # what train.py does after the load on CPU
+reused = host_memory.reuse_freed_memory(torch.device("cpu"))  # what train.py does after the load on CPU
 print(json.dumps({"loading": loading, "reused": reused, "training": faults_per_block()}))
 """
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from fsdp_qlora.distributed.pair import all_reduce_sum, is_pair
+from fsdp_qlora.distributed import pair
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
@@ -58,7 +58,7 @@ def _splitting_groups(grad: torch.Tensor) -> list:
             if isinstance(placement, Shard) and mesh.size(dim) > 1]
 
 
-class ReducedSquares:
+class ReducedSquares(pair.FSDPComm):
     """FSDP2's reduce-scatter for CPU (gloo) that also sums the squares of the reduced gradients.
 
     Installed on every unit of a model sharded over one dimension (``--sharding fsdp``) by
@@ -77,20 +77,12 @@ class ReducedSquares:
         squares, self._squares = self._squares, None
         return squares
 
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
-
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  op, async_op: bool = False) -> dist.Work | None:
         if async_op:  # FSDP2 does not ask for it (it waits); kept correct, without the squares
             self._squares = None
             return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=True)
-        if op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) and is_pair(group):  # one exchange (distributed/pair.py)
-            all_reduce_sum(input_tensor, group)
-            if op == dist.ReduceOp.AVG:
-                input_tensor.div_(2)  # gloo's AVG: the sum over the ranks, divided by their count
-        else:
-            dist.all_reduce(input_tensor, op=op, group=group)
+        pair.all_reduce(input_tensor, group, op)  # over two ranks one exchange (distributed/pair.py)
         self._add_squares(input_tensor)
         output_tensor.copy_(input_tensor.view(group.size(), -1)[dist.get_rank(group)].view_as(output_tensor))
         return None

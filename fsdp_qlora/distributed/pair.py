@@ -30,11 +30,13 @@ def _exchange(send: torch.Tensor, receive: torch.Tensor, group: dist.ProcessGrou
 
 
 class PairSum:
-    """The sum of `tensor` over a pair, started; `wait()` completes it in place (a Work's interface).
-    Exchanges of one pair are matched in the order they start, like collectives."""
+    """The sum (or, with `average`, the mean) of `tensor` over a pair, started; `wait()` completes it
+    in place (a Work's interface). Exchanges of one pair are matched in the order they start, like
+    collectives."""
 
-    def __init__(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None):
+    def __init__(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None, average: bool = False):
         self.tensor = tensor
+        self._average = average
         self._received = torch.empty_like(tensor)
         self._works = _exchange(tensor, self._received, group)
 
@@ -44,27 +46,35 @@ class PairSum:
                 work.wait()
             self._works = []
             self.tensor.add_(self._received)
+            if self._average:
+                self.tensor.div_(2)  # gloo's AVG: the sum over the ranks, divided by their count
         return True
 
 
-def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False):
-    """``dist.all_reduce`` (SUM) of `tensor` over `group`, as one exchange when the group is a gloo pair."""
-    if not is_pair(group):
-        return dist.all_reduce(tensor, group=group, async_op=async_op)
-    work = PairSum(tensor, group)
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, op=dist.ReduceOp.SUM,
+               async_op: bool = False):
+    """``dist.all_reduce`` of `tensor` over `group`; a SUM or AVG over a gloo pair is one exchange."""
+    if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) or not is_pair(group):
+        return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    work = PairSum(tensor, group, average=op == dist.ReduceOp.AVG)
     if async_op:
         return work
     work.wait()
     return None
 
 
-class PairAllGather:
-    """FSDP2's all-gather (`set_custom_all_gather`) for units over a gloo pair: this rank's input goes
-    into its half of the output, the other rank's arrives into the other half. FSDP2 calls `allocate`
-    and the instance (its ``AllGather`` interface, which torch does not export: duck-typed)."""
+class FSDPComm:
+    """The buffer half of FSDP2's ``Comm`` interface (which torch does not export: duck-typed):
+    plain tensors, as FSDP2's own default allocates on CPU."""
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
+
+
+class PairAllGather(FSDPComm):
+    """FSDP2's all-gather (`set_custom_all_gather`) for units over a gloo pair: this rank's input goes
+    into its half of the output, the other rank's arrives into the other half. FSDP2 calls `allocate`
+    and the instance (its ``AllGather`` interface)."""
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  async_op: bool = False) -> dist.Work | None:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
-from fsdp_qlora.distributed.pair import all_reduce_sum
+from fsdp_qlora.distributed import pair
 
 # DistributedDataParallel's bucket sizes: a small first bucket, so that the first all-reduce starts
 # early in backward, then 25 MiB (`bucket_cap_mb`), tuned for NCCL. gloo (CPU) gets 1 MiB buckets
@@ -99,7 +99,7 @@ class GradientAllReduce:
         # A parameter that got no gradient on this rank counts as zeros (other ranks may have one).
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in self.buckets[index]])
-        self._started.append((index, flat, all_reduce_sum(flat, self.group, async_op=True)))
+        self._started.append((index, flat, pair.all_reduce(flat, self.group, async_op=True)))
         self._next = index + 1
 
     def _finish(self) -> None:

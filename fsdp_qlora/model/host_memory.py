@@ -42,6 +42,8 @@ import ctypes
 import ctypes.util
 import functools
 
+import torch
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 # Blocks of at least this many bytes are mmapped. The loader's slices and a step's dequantized
 # weights are MBs; Python objects and small tensors stay on the (fast, reused) heap.
@@ -72,7 +74,7 @@ REUSE_MMAP_THRESHOLD_BYTES = 32 << 20
 REUSE_TRIM_THRESHOLD_BYTES = 1 << 30
 
 
-def reuse_freed_memory() -> bool:
+def reuse_freed_memory(device: torch.device) -> bool:
     """For the rest of the process, keep freed blocks for reuse instead of returning them to the OS:
     what CUDA's caching allocator does for device memory, done for a CPU training loop.
 
@@ -83,10 +85,11 @@ def reuse_freed_memory() -> bool:
     the blocks reused (docs/benchmarks.md). Called after the load, whose host-memory bound holds as
     before (`large_allocations_via_mmap`). RSS no longer drops between steps, and what the first
     step adds on top of the load varies from run to run (tests/test_loader_memory.py). Only on CPU:
-    on a GPU a step's transients are device memory. Returns False (and does nothing) outside glibc.
+    on a GPU a step's transients are device memory. Returns False (and does nothing) for another
+    `device` than the CPU, and outside glibc.
     """
     mallopt = getattr(_libc(), "mallopt", None)
-    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, REUSE_MMAP_THRESHOLD_BYTES)
+    return bool(device.type == "cpu" and mallopt is not None and mallopt(M_MMAP_THRESHOLD, REUSE_MMAP_THRESHOLD_BYTES)
                 and mallopt(M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD_BYTES))
 
 

@@ -69,8 +69,7 @@ def train(cfg: TrainConfig) -> Path:
         if env.is_main:
             warn_if_plan_does_not_fit(cfg, model_dir, shard_size(mesh), env.device)  # before loading weights
         model = build_qlora_model(model_dir, cfg, env, mesh)
-        if env.device.type == "cpu":  # the steps reuse freed host memory: no fresh pages for every transient
-            reuse_freed_memory()
+        reuse_freed_memory(env.device)  # CPU steps: no fresh pages for every transient (model/host_memory.py)
         _train_loop(model, data, cfg, env, run_dir, model_dir, checkpoints, resume_from)
         _export_adapter(model, cfg, env, model_dir, run_dir / "adapter")
         return run_dir

@@ -62,8 +62,7 @@ def main() -> None:
                "load_peak_growth": peak_rss() - baseline,
                "rss_growth_after_load": psutil.Process().memory_info().rss - baseline}
     if steps:
-        if env.device.type == "cpu":  # as train.py does after the load
-            reuse_freed_memory()
+        reuse_freed_memory(env.device)  # as train.py does after the load
         figures["step_s"] = train_steps(model, cfg, steps)
         figures["rss_growth_after_steps"] = psutil.Process().memory_info().rss - baseline
     figures["peak_growth"] = peak_rss() - baseline

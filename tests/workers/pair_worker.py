@@ -1,7 +1,7 @@
 """distributed/pair.py on 2 gloo ranks, against gloo's own collectives.
 
 argv: <result json>. Random fp32 buffers (with values of mixed magnitude, where the order of a sum
-shows in its bits) are summed by `all_reduce_sum` (sync and async, several in flight at once, one
+shows in its bits) are summed by `all_reduce` (sync and async, several in flight at once, one
 of them 0-d) and by `dist.all_reduce`; bf16 and uint8 buffers are gathered by `PairAllGather` and by
 `dist.all_gather_into_tensor`. Rank 0 writes whether each pair of results is bit-identical.
 """
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from fsdp_qlora.distributed.env import init_distributed, shutdown
-from fsdp_qlora.distributed.pair import PairAllGather, all_reduce_sum, is_pair
+from fsdp_qlora.distributed.pair import PairAllGather, all_reduce, is_pair
 
 
 def buffers(rank: int, seed: int, numel: int) -> torch.Tensor:
@@ -30,18 +30,18 @@ def main() -> None:
         expected = mine.clone()
         dist.all_reduce(expected)
         ours = mine.clone()
-        all_reduce_sum(ours)
+        all_reduce(ours)
         sums[f"sync {numel}"] = torch.equal(ours, expected)
     in_flight = [buffers(env.rank, 10 + i, n) for i, n in enumerate([513, 7, 4096])]
     expected = [t.clone() for t in in_flight]
     for t in expected:
         dist.all_reduce(t)
-    works = [all_reduce_sum(t, async_op=True) for t in in_flight]
+    works = [all_reduce(t, async_op=True) for t in in_flight]
     for work in reversed(works):  # waited in any order
         work.wait()
     sums["async, three in flight"] = all(torch.equal(a, b) for a, b in zip(in_flight, expected))
     scalar = torch.tensor(float(env.rank + 1))
-    all_reduce_sum(scalar)
+    all_reduce(scalar)
     sums["0-d"] = scalar.item() == 3.0
     seen["sums"] = sums
     gathers = {}
