@@ -26,8 +26,9 @@ RUNS = 5  # fresh processes, one after another: the bound must hold on every run
 MARGIN = 128 * 2**20
 MAX_SPREAD = 64 * 2**20  # of the load's growth; measured: 19 MB over 8 runs; with the earlier guard 67-149 MB over 3-5
 # The first step on top of the load, with freed blocks reused from the heap as train.py does on CPU:
-# 476-557 MB of growth over 5 runs against a bound of 515 MB (2026-12-05).
-STEP_ALLOWANCE = 128 * 2**20
+# 469-560 MB of growth over 10 runs against a bound of 515 MB (2026-12-05), and one run of about
+# seven failed this test with 128 MB here. The bf16 model would still exceed bound + allowance.
+STEP_ALLOWANCE = 256 * 2**20
 
 
 @pytest.fixture(scope="module")
