@@ -95,12 +95,6 @@ def _prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
     return run_dir
 
 
-def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    value = value.clone()
-    dist.all_reduce(value)
-    return value
-
-
 class _GlobalCounts:
     """(labelled tokens, input tokens) of the whole global batch, from the host batches: one
     all-reduce of two numbers per step, started before the forward and waited for only when the
@@ -131,8 +125,8 @@ class _GlobalCounts:
 
 def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step: int, counts: _GlobalCounts,
                 loss_chunk_tokens: int = 0, loss_scale: float = 1.0) -> torch.Tensor:
-    """Forward/backward over the micro-batches; returns this rank's summed token loss (on the device,
-    not synchronized: the loop reads it only when it logs)."""
+    """Forward/backward over the micro-batches; returns this rank's summed token loss (on the device;
+    the loop sums it over the ranks in `_StepSums`)."""
     # Normalize by the labelled tokens of the whole global batch, so the gradient is that
     # of the mean token loss however the tokens fall across ranks and micro-steps.
     # FSDP averages gradients over ranks, hence the world_size factor; fp16 scales the loss
@@ -148,9 +142,36 @@ def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step:
     return loss_sum
 
 
-def _mean_loss(loss_sum: torch.Tensor, global_label_tokens: float) -> float:
-    """The global batch's mean token loss (an all-reduce and a host sync: only when it is read)."""
-    return _all_reduce_sum(loss_sum.float().cpu()).item() / global_label_tokens
+class _StepSums:
+    """The step's token loss summed over the ranks, and whether any rank got a stop signal: one
+    all-reduce of two numbers, started as backward ends and read after the optimizer step.
+
+    A blocking collective after the step (as the stop check and the logged loss each were) holds
+    every rank until the slowest arrives, and rank 0 is the slowest there: it writes the metrics.
+    Started early, it has completed by the time it is read, and the other ranks go on into the
+    next step while rank 0 logs. A signal that arrives after backward is seen one step later."""
+
+    def __init__(self, loss_sum: torch.Tensor, preemption: PreemptionFlag):
+        self._sums = torch.stack([loss_sum.detach().to("cpu", torch.float64),
+                                  torch.tensor(float(preemption.received is not None), dtype=torch.float64)])
+        self._work = dist.all_reduce(self._sums, async_op=True)
+        self._values: tuple[float, bool] | None = None
+
+    def _wait(self) -> tuple[float, bool]:
+        if self._values is None:
+            self._work.wait()
+            loss_sum, stops = self._sums.tolist()
+            self._values = (loss_sum, stops > 0)
+        return self._values
+
+    def mean_loss(self, global_label_tokens: float) -> float:
+        """The global batch's mean token loss."""
+        return self._wait()[0] / global_label_tokens
+
+    @property
+    def stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal by the end of this step's backward (every rank agrees)."""
+        return self._wait()[1]
 
 
 def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, model_dir: Path,
@@ -187,6 +208,7 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
         counts = _GlobalCounts(host_micro)
         micro = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in host_micro]
         loss_sum = _train_step(model, micro, env, state.step + 1, counts, cfg.loss_chunk_tokens, scaler.scale)
+        sums = _StepSums(loss_sum, preemption)
         label_tokens, input_tokens = counts.label_tokens, counts.input_tokens
         squares = reduced_squares.take() if reduced_squares is not None else None
         scaler.unscale_(adapter_params)  # (fp16) the gradients are then no longer what was reduced
@@ -203,7 +225,7 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
         else:
             bad_steps += 1
             progress.message(f"warning: step {state.step + 1}: non-finite loss/grad norm "
-                             f"({_mean_loss(loss_sum, label_tokens)}, {grad_norm}); "
+                             f"({sums.mean_loss(label_tokens)}, {grad_norm}); "
                              f"update skipped ({bad_steps}/{cfg.max_bad_steps} in a row)")
         optimizer.zero_grad(set_to_none=True)
         if bad_steps >= cfg.max_bad_steps:
@@ -220,7 +242,7 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
         state.loss_scale = scaler.state_dict() if scaler.enabled else {}
         elapsed = time.perf_counter() - started
         if finite and (state.step % cfg.log_every == 0 or state.step == total_steps):
-            step_loss = _mean_loss(loss_sum, label_tokens)
+            step_loss = sums.mean_loss(label_tokens)
             tokens_per_sec = input_tokens / elapsed
             scalars = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens_per_sec": tokens_per_sec,
@@ -235,7 +257,7 @@ def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, mode
             metrics.log(state.step, eval_scalars, prefix="eval")
             progress.message(f"step {state.step}: eval loss {eval_scalars['eval_loss']:.4f}, "
                              f"perplexity {eval_scalars['eval_perplexity']:.2f}")
-        if preemption.agreed():
+        if sums.stop_agreed:
             checkpoints.save(model, optimizer, _with_data(state, data.state_dict()))
             checkpoints.wait()
             raise TrainingInterrupted(EXIT_PREEMPTED, f"stopped by a signal; checkpoint saved at step {state.step}: "

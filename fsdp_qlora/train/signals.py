@@ -2,16 +2,14 @@
 
 SLURM sends SIGTERM before a preemption or at the time limit (and SIGUSR1 where a job asks
 for it with --signal); torchrun forwards SIGTERM to its workers. The handler only sets a flag:
-the loop checks it after each optimizer step, agreed across ranks, so every rank saves the
+the loop sums it over the ranks with the step's loss (train/loop.py `_StepSums`: one all-reduce,
+started as backward ends) and checks the sum after the optimizer step, so every rank saves the
 same step together.
 """
 
 from __future__ import annotations
 
 import signal
-
-import torch
-import torch.distributed as dist
 
 # EX_TEMPFAIL from sysexits.h: "try again later". The run saved a checkpoint; rerunning the
 # same command (or a requeued job) resumes from it.
@@ -30,12 +28,6 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
-
-    def agreed(self) -> bool:
-        """True on every rank as soon as any rank got a stop signal (one tiny all-reduce)."""
-        flag = torch.tensor([1 if self.received is not None else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 class TrainingInterrupted(Exception):
