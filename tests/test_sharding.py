@@ -1,6 +1,7 @@
 """--sharding fsdp | hsdp | ddp: layouts, placements, and the same training under each (real torchrun)."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -232,9 +233,16 @@ def test_replicated_gradients_are_the_mean_over_ranks_in_bucket_order(tmp_path):
 
 def test_pair_collectives_give_gloos_bits(tmp_path):
     """2 gloo ranks: the one-exchange sum (sync, async with several in flight, 0-d) and all-gather of
-    distributed/pair.py equal gloo's all_reduce and all_gather_into_tensor bit for bit."""
+    distributed/pair.py equal gloo's all_reduce and all_gather_into_tensor bit for bit, with the
+    synchronous exchanges through shared memory (one host: these two ranks) and through gloo; buffers
+    larger than a shared-memory slot included. No mapping file is left in /dev/shm."""
+    before = set(os.listdir("/dev/shm"))
     run_torchrun(REPO / "tests/workers/pair_worker.py", 2, str(tmp_path / "pair.json"), timeout=120)
     seen = json.loads((tmp_path / "pair.json").read_text())
     assert seen["is_pair"] is True
-    assert all(seen["sums"].values()) and len(seen["sums"]) == 6, seen
-    assert all(seen["gathers"].values()) and len(seen["gathers"]) == 2, seen
+    for transport in ("shared memory", "gloo"):
+        result = seen[transport]
+        assert result["shared memory channel"] is (transport == "shared memory"), seen
+        assert all(result["sums"].values()) and len(result["sums"]) == 6, seen
+        assert all(result["gathers"].values()) and len(result["gathers"]) == 3, seen
+    assert not [name for name in set(os.listdir("/dev/shm")) - before if name.startswith("fsdp_qlora-pair-")]

@@ -9,12 +9,21 @@ gradients) took 1.87 ms through gloo and 0.21-0.30 ms as an exchange; 9.8 MB (Sm
 The results are gloo's bits: IEEE addition is commutative, so both ranks compute the same a + b as
 the ring does, and the mean is that sum divided by two, as gloo's ``AVG``. Only for gloo: NCCL's
 collectives are already one kernel, and on more than two ranks the ring is what scales.
+
+A synchronous exchange between two ranks on one host goes through shared memory
+(distributed/shared_pair.py), which needs no gloo thread to be scheduled; the asynchronous ones
+stay on gloo.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from fsdp_qlora.distributed.shared_pair import SharedPair, open_channel
+
+# A group's shared-memory channel (None: gloo serves it), opened at its first synchronous exchange.
+_CHANNELS: dict[dist.ProcessGroup, SharedPair | None] = {}
 
 
 def is_pair(group: dist.ProcessGroup | None) -> bool:
@@ -27,6 +36,26 @@ def _exchange(send: torch.Tensor, receive: torch.Tensor, group: dist.ProcessGrou
     peer = dist.get_global_rank(group, 1 - dist.get_rank(group))
     return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer, group),
                                    dist.P2POp(dist.irecv, receive, peer, group)])
+
+
+def exchange(send: torch.Tensor, receive: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    """`send` to the other rank of the pair, its `send` into `receive`, completed before returning:
+    through shared memory when the pair shares a host, else through gloo."""
+    group = group or dist.group.WORLD
+    if group not in _CHANNELS:
+        _CHANNELS[group] = open_channel(group)
+    channel = _CHANNELS[group]
+    if channel is not None:
+        channel.exchange(send, receive)
+        return
+    for work in _exchange(send, receive, group):
+        work.wait()
+
+
+def _combine(tensor: torch.Tensor, received: torch.Tensor, average: bool) -> None:
+    tensor.add_(received)
+    if average:
+        tensor.div_(2)  # gloo's AVG: the sum over the ranks, divided by their count
 
 
 class PairSum:
@@ -45,9 +74,7 @@ class PairSum:
             for work in self._works:  # the send too: `tensor` is about to change
                 work.wait()
             self._works = []
-            self.tensor.add_(self._received)
-            if self._average:
-                self.tensor.div_(2)  # gloo's AVG: the sum over the ranks, divided by their count
+            _combine(self.tensor, self._received, self._average)
         return True
 
 
@@ -56,10 +83,11 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, op=
     """``dist.all_reduce`` of `tensor` over `group`; a SUM or AVG over a gloo pair is one exchange."""
     if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) or not is_pair(group):
         return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
-    work = PairSum(tensor, group, average=op == dist.ReduceOp.AVG)
     if async_op:
-        return work
-    work.wait()
+        return PairSum(tensor, group, average=op == dist.ReduceOp.AVG)
+    received = torch.empty_like(tensor)
+    exchange(tensor, received, group)
+    _combine(tensor, received, op == dist.ReduceOp.AVG)
     return None
 
 
@@ -83,6 +111,5 @@ class PairAllGather(FSDPComm):
         halves = output_tensor.view(2, -1)
         rank = dist.get_rank(group)
         halves[rank].copy_(input_tensor.view(-1))
-        for work in _exchange(input_tensor, halves[1 - rank], group):
-            work.wait()
+        exchange(input_tensor, halves[1 - rank], group)
         return None
