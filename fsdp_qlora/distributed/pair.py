@@ -10,9 +10,8 @@ The results are gloo's bits: IEEE addition is commutative, so both ranks compute
 the ring does, and the mean is that sum divided by two, as gloo's ``AVG``. Only for gloo: NCCL's
 collectives are already one kernel, and on more than two ranks the ring is what scales.
 
-A synchronous exchange between two ranks on one host goes through shared memory
-(distributed/shared_pair.py), which needs no gloo thread to be scheduled; the asynchronous ones
-stay on gloo.
+Two ranks on one host exchange through shared memory instead (distributed/shared_pair.py), which
+needs no gloo thread to be scheduled; each exchange then completes where it starts.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch.distributed as dist
 
 from fsdp_qlora.distributed.shared_pair import SharedPair, open_channel
 
-# A group's shared-memory channel (None: gloo serves it), opened at its first synchronous exchange.
+# A group's shared-memory channel (None: gloo serves it), opened at its first exchange (`_channel`).
 _CHANNELS: dict[dist.ProcessGroup, SharedPair | None] = {}
 
 
@@ -38,13 +37,18 @@ def _exchange(send: torch.Tensor, receive: torch.Tensor, group: dist.ProcessGrou
                                    dist.P2POp(dist.irecv, receive, peer, group)])
 
 
-def exchange(send: torch.Tensor, receive: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-    """`send` to the other rank of the pair, its `send` into `receive`, completed before returning:
-    through shared memory when the pair shares a host, else through gloo."""
+def _channel(group: dist.ProcessGroup | None) -> SharedPair | None:
+    """The pair's shared-memory channel, opened at the first call (a collective), or None."""
     group = group or dist.group.WORLD
     if group not in _CHANNELS:
         _CHANNELS[group] = open_channel(group)
-    channel = _CHANNELS[group]
+    return _CHANNELS[group]
+
+
+def exchange(send: torch.Tensor, receive: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    """`send` to the other rank of the pair, its `send` into `receive`, completed before returning:
+    through shared memory when the pair shares a host, else through gloo."""
+    channel = _channel(group)
     if channel is not None:
         channel.exchange(send, receive)
         return
@@ -83,12 +87,25 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, op=
     """``dist.all_reduce`` of `tensor` over `group`; a SUM or AVG over a gloo pair is one exchange."""
     if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) or not is_pair(group):
         return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
-    if async_op:
+    if async_op and _channel(group) is None:
         return PairSum(tensor, group, average=op == dist.ReduceOp.AVG)
+    # Through shared memory even when asked for asynchronously: done now, at the point where both
+    # ranks start it (the order they start in is the order that pairs them up), and gloo's thread
+    # need not get a core while both ranks compute.
     received = torch.empty_like(tensor)
     exchange(tensor, received, group)
     _combine(tensor, received, op == dist.ReduceOp.AVG)
-    return None
+    return _COMPLETED if async_op else None
+
+
+class _Completed:
+    """The Work of a collective that completed when it started."""
+
+    def wait(self) -> bool:
+        return True
+
+
+_COMPLETED = _Completed()
 
 
 class FSDPComm:

@@ -3,7 +3,7 @@
 argv: <result json>. Random fp32 buffers (with values of mixed magnitude, where the order of a sum
 shows in its bits) are summed by `all_reduce` (sync and async, several in flight at once, one
 of them 0-d) and by `dist.all_reduce`; bf16 and uint8 buffers are gathered by `PairAllGather` and by
-`dist.all_gather_into_tensor`. The synchronous exchanges run twice: through the shared-memory channel
+`dist.all_gather_into_tensor`. Everything runs twice: through the shared-memory channel
 (distributed/shared_pair.py; the larger buffers take several of its slots) and through gloo. Rank 0
 writes whether each pair of results is bit-identical, and which transport served each round.
 """
