@@ -19,6 +19,7 @@ from fsdp_qlora.checkpoint.resume import check_resume_settings, resolve_resume
 from fsdp_qlora.config import TrainConfig
 from fsdp_qlora.data.pipeline import build_train_data
 from fsdp_qlora.data.sft import IGNORE_INDEX
+from fsdp_qlora.distributed import pair
 from fsdp_qlora.distributed.env import DistEnv, broadcast_object, init_distributed, shutdown
 from fsdp_qlora.distributed.grad_norm import clip_grad_norm
 from fsdp_qlora.distributed.sharding import build_mesh, reduced_squares_of, set_gradient_sync, shard_size
@@ -154,7 +155,7 @@ class _StepSums:
     def __init__(self, loss_sum: torch.Tensor, preemption: PreemptionFlag):
         self._sums = torch.stack([loss_sum.detach().to("cpu", torch.float64),
                                   torch.tensor(float(preemption.received is not None), dtype=torch.float64)])
-        self._work = dist.all_reduce(self._sums, async_op=True)
+        self._work = pair.all_reduce(self._sums, async_op=True)
         self._values: tuple[float, bool] | None = None
 
     def _wait(self) -> tuple[float, bool]:
