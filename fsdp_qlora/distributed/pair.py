@@ -84,8 +84,9 @@ class PairSum:
 
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, op=dist.ReduceOp.SUM,
                async_op: bool = False):
-    """``dist.all_reduce`` of `tensor` over `group`; a SUM or AVG over a gloo pair is one exchange."""
-    if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) or not is_pair(group):
+    """``dist.all_reduce`` of `tensor` over `group`; a SUM or AVG of a host tensor over a gloo pair is
+    one exchange."""
+    if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) or not is_pair(group) or tensor.device.type != "cpu":
         return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
     if async_op and _channel(group) is None:
         return PairSum(tensor, group, average=op == dist.ReduceOp.AVG)

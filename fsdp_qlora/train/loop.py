@@ -96,32 +96,40 @@ def _prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
     return run_dir
 
 
-class _GlobalCounts:
+class _RankSums:
+    """Host numbers summed over the ranks by one all-reduce, started by the subclass and waited for
+    only when a sum is first read."""
+
+    def __init__(self, values: list[float], work_of):
+        self._sums = torch.tensor(values, dtype=torch.float64)
+        self._work = work_of(self._sums)
+        self._values: list[float] | None = None
+
+    def _read(self, index: int) -> float:
+        if self._values is None:
+            self._work.wait()
+            self._values = self._sums.tolist()
+        return self._values[index]
+
+
+class _GlobalCounts(_RankSums):
     """(labelled tokens, input tokens) of the whole global batch, from the host batches: one
     all-reduce of two numbers per step, started before the forward and waited for only when the
     first backward needs the count, so that it overlaps the forward (and a rank that arrives first
     computes instead of waiting for the others at the start of the step)."""
 
     def __init__(self, micro: list[dict[str, torch.Tensor]]):
-        self._sums = torch.tensor([sum(float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-                                   sum(float(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)
-        self._work = dist.all_reduce(self._sums, async_op=True)
-        self._values: tuple[float, int] | None = None
-
-    def _wait(self) -> tuple[float, int]:
-        if self._values is None:
-            self._work.wait()
-            label_tokens, input_tokens = self._sums.tolist()
-            self._values = (label_tokens, int(input_tokens))
-        return self._values
+        super().__init__([sum(float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+                          sum(float(b["attention_mask"].sum()) for b in micro)],
+                         lambda sums: dist.all_reduce(sums, async_op=True))
 
     @property
     def label_tokens(self) -> float:
-        return self._wait()[0]
+        return self._read(0)
 
     @property
     def input_tokens(self) -> int:
-        return self._wait()[1]
+        return int(self._read(1))
 
 
 def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step: int, counts: _GlobalCounts,
@@ -143,36 +151,29 @@ def _train_step(model, micro: list[dict[str, torch.Tensor]], env: DistEnv, step:
     return loss_sum
 
 
-class _StepSums:
+class _StepSums(_RankSums):
     """The step's token loss summed over the ranks, and whether any rank got a stop signal: one
     all-reduce of two numbers, started as backward ends and read after the optimizer step.
 
     A blocking collective after the step (as the stop check and the logged loss each were) holds
     every rank until the slowest arrives, and rank 0 is the slowest there: it writes the metrics.
     Started early, it has completed by the time it is read, and the other ranks go on into the
-    next step while rank 0 logs. A signal that arrives after backward is seen one step later."""
+    next step while rank 0 logs. A signal that arrives after backward is seen one step later.
+    Between two ranks on one host it is an exchange (distributed/pair.py), done where it starts:
+    right after backward's gradient reduction, where the ranks are aligned."""
 
     def __init__(self, loss_sum: torch.Tensor, preemption: PreemptionFlag):
-        self._sums = torch.stack([loss_sum.detach().to("cpu", torch.float64),
-                                  torch.tensor(float(preemption.received is not None), dtype=torch.float64)])
-        self._work = pair.all_reduce(self._sums, async_op=True)
-        self._values: tuple[float, bool] | None = None
-
-    def _wait(self) -> tuple[float, bool]:
-        if self._values is None:
-            self._work.wait()
-            loss_sum, stops = self._sums.tolist()
-            self._values = (loss_sum, stops > 0)
-        return self._values
+        super().__init__([float(loss_sum), float(preemption.received is not None)],
+                         lambda sums: pair.all_reduce(sums, async_op=True))
 
     def mean_loss(self, global_label_tokens: float) -> float:
         """The global batch's mean token loss."""
-        return self._wait()[0] / global_label_tokens
+        return self._read(0) / global_label_tokens
 
     @property
     def stop_agreed(self) -> bool:
         """Whether any rank got a stop signal by the end of this step's backward (every rank agrees)."""
-        return self._wait()[1]
+        return self._read(1) > 0
 
 
 def _train_loop(model, data, cfg: TrainConfig, env: DistEnv, run_dir: Path, model_dir: Path,
