@@ -7,8 +7,8 @@ and ~1 ms (the other rank's lag) through shared memory (two processes, 400 excha
 matmuls; docs/benchmarks.md). FSDP2's all-gather and gradient reduction are two such exchanges
 at every step (distributed/pair.py).
 
-The channel is a file in /dev/shm that both ranks map, unlinked as soon as both hold it (nothing is
-left behind, even when a rank is killed). Each rank owns two slots; a message larger than a slot
+The channel is a file in /dev/shm that both ranks map, unlinked as soon as both hold it (a rank
+killed after that leaves nothing behind). Each rank owns two slots; a message larger than a slot
 goes in slot-sized chunks, in lockstep. A chunk is written, then its sequence number is published;
 the peer waits for the number, copies the chunk out and acknowledges it, and a slot is written
 again only after the peer acknowledged what it held. An exchange is synchronous: both ranks are in
