@@ -252,23 +252,21 @@ def test_shared_pair_exchanges_and_fails_fast_when_the_other_rank_exits(tmp_path
     """distributed/shared_pair.py between this process and a child that maps the same file: one exchange
     (three slots' worth, so in chunks) gives each side the other's bytes; the child then exits, and the
     next exchange raises at once, as a closed gloo socket would, instead of spinning to the timeout."""
-    from fsdp_qlora.distributed.shared_pair import SLOT_BYTES, SharedPair, _mapping_bytes
+    from fsdp_qlora.distributed.shared_pair import SLOT_BYTES, SharedPair, _map, _mapping_bytes
 
     path = tmp_path / "pair-mapping"
     path.write_bytes(bytes(_mapping_bytes()))
     numel = (3 * SLOT_BYTES) // 4 + 5  # float32 elements: three chunks and a bit
     child = subprocess.Popen([sys.executable, "-c", f"""
 import torch
-from fsdp_qlora.distributed.shared_pair import SharedPair, _mapping_bytes
-mapping = torch.from_file({str(path)!r}, shared=True, size=_mapping_bytes(), dtype=torch.uint8)
+from fsdp_qlora.distributed.shared_pair import SharedPair, _map
 received = torch.empty({numel})
-SharedPair(mapping, 1, {os.getpid()}).exchange(torch.arange({numel}, dtype=torch.float32) * -1, received)
+SharedPair(_map({str(path)!r}), 1, {os.getpid()}).exchange(torch.arange({numel}, dtype=torch.float32) * -1, received)
 assert torch.equal(received, torch.arange({numel}, dtype=torch.float32)), "the child got other bytes"
 """], cwd=REPO, env=subprocess_env())
     import torch
 
-    mapping = torch.from_file(str(path), shared=True, size=_mapping_bytes(), dtype=torch.uint8)
-    channel = SharedPair(mapping, 0, child.pid)
+    channel = SharedPair(_map(str(path)), 0, child.pid)
     received = torch.empty(numel)
     channel.exchange(torch.arange(numel, dtype=torch.float32), received)
     assert torch.equal(received, torch.arange(numel, dtype=torch.float32) * -1)

@@ -25,6 +25,7 @@ order (a store is not reordered after a later store, nor a load after a later lo
 
 from __future__ import annotations
 
+import mmap
 import os
 import platform
 import socket
@@ -32,6 +33,7 @@ import tempfile
 import time
 import uuid
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -42,33 +44,36 @@ WAIT_TIMEOUT_S = 600.0  # as the process group's own (distributed/env.py `init_d
 
 
 class SharedPair:
-    """A two-rank channel over one shared mapping (`open_channel` builds it)."""
+    """A two-rank channel over one shared mapping (`open_channel` builds it). The mapping is read and
+    written through numpy views, never through torch operators: memory trackers that count the
+    storages a training step's operators touch (the planner's test) then do not count this fixed 4 MiB
+    of host memory, as they do not count gloo's own buffers."""
 
-    def __init__(self, mapping: torch.Tensor, rank: int, peer_pid: int):
+    def __init__(self, mapping: mmap.mmap, rank: int, peer_pid: int):
         self._rank, self._peer, self._peer_pid = rank, 1 - rank, peer_pid
-        counters = mapping[:2 * HEADER_BYTES].view(torch.int64).view(2, HEADER_BYTES // 8)
+        counters = np.frombuffer(mapping, dtype=np.int64, count=2 * HEADER_BYTES // 8).reshape(2, HEADER_BYTES // 8)
         self._published, self._acknowledged = counters[:, 0], counters[:, 1]
-        self._slots = mapping[2 * HEADER_BYTES:].view(2, 2, SLOT_BYTES)  # [rank, slot, bytes]
+        self._slots = np.frombuffer(mapping, dtype=np.uint8, offset=2 * HEADER_BYTES).reshape(2, 2, SLOT_BYTES)
         self._sequence = 0
 
     def exchange(self, send: torch.Tensor, receive: torch.Tensor) -> None:
         """Send `send`'s bytes to the peer and fill `receive` (the same number of bytes) with the
         peer's `send`; both ranks call it at the same point, as for a collective."""
         outgoing, incoming = _bytes(send), _bytes(receive)
-        if outgoing.numel() != incoming.numel():
-            raise ValueError(f"exchange of {outgoing.numel()} bytes into a {incoming.numel()}-byte buffer")
-        for start in range(0, max(outgoing.numel(), 1), SLOT_BYTES):
-            stop = min(start + SLOT_BYTES, outgoing.numel())
+        if outgoing.size != incoming.size:
+            raise ValueError(f"exchange of {outgoing.size} bytes into a {incoming.size}-byte buffer")
+        for start in range(0, max(outgoing.size, 1), SLOT_BYTES):
+            stop = min(start + SLOT_BYTES, outgoing.size)
             self._sequence += 1
             slot = self._sequence % 2
             self._wait_until(self._acknowledged, self._sequence - 2)  # the peer has read what the slot held
-            self._slots[self._rank, slot, :stop - start].copy_(outgoing[start:stop])
+            self._slots[self._rank, slot, :stop - start] = outgoing[start:stop]
             self._published[self._rank] = self._sequence
             self._wait_until(self._published, self._sequence)
-            incoming[start:stop].copy_(self._slots[self._peer, slot, :stop - start])
+            incoming[start:stop] = self._slots[self._peer, slot, :stop - start]
             self._acknowledged[self._rank] = self._sequence
 
-    def _wait_until(self, counters: torch.Tensor, sequence: int) -> None:
+    def _wait_until(self, counters: np.ndarray, sequence: int) -> None:
         """Spin (yielding the core) until the peer's counter reaches `sequence`. Every few thousand
         spins (milliseconds) it checks that the peer process still runs, as a closed gloo socket
         would tell: a killed peer then fails this rank at once instead of at the timeout."""
@@ -102,8 +107,8 @@ def open_channel(group: dist.ProcessGroup) -> SharedPair | None:
     # /proc: how a waiting rank sees that the other one has exited (`_running`)
     if path is not None and host == _host_id() and platform.machine() in ("x86_64", "AMD64") and _running(os.getpid()):
         try:
-            mapping = torch.from_file(path, shared=True, size=_mapping_bytes(), dtype=torch.uint8)
-        except (OSError, RuntimeError):
+            mapping = _map(path)
+        except (OSError, ValueError):
             mapping = None
     usable = torch.tensor([0 if mapping is None else 1])
     dist.all_reduce(usable, op=dist.ReduceOp.MIN, group=group)  # both map it (then the name can go), or neither uses it
@@ -120,6 +125,12 @@ def _running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def _map(path: str) -> mmap.mmap:
+    """The file's bytes, shared with every process that maps it."""
+    with open(path, "r+b") as file:
+        return mmap.mmap(file.fileno(), _mapping_bytes(), mmap.MAP_SHARED)
 
 
 def _create_mapping_file() -> str | None:
@@ -152,7 +163,8 @@ def _host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    if not tensor.is_contiguous():
-        raise ValueError("exchange needs contiguous buffers")
-    return tensor.reshape(-1).view(torch.uint8)
+def _bytes(tensor: torch.Tensor) -> np.ndarray:
+    """`tensor`'s memory as a numpy byte array (writes go to the tensor)."""
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("exchange needs contiguous host buffers")
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy()
