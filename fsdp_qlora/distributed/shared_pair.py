@@ -31,7 +31,6 @@ import platform
 import socket
 import tempfile
 import time
-import uuid
 
 import numpy as np
 import torch
@@ -97,24 +96,22 @@ def open_channel(group: dist.ProcessGroup) -> SharedPair | None:
     not x86, no /dev/shm or no room in it, or the ranks on different hosts. A collective over
     `group`: both ranks must call it, at the same point, and both get a channel or both None."""
     rank = dist.get_rank(group)
-    path = _create_mapping_file() if rank == 0 else None
-    shared = [path, _host_id()]
-    dist.broadcast_object_list(shared, group_src=0, group=group)
-    path, host = shared
-    pids = [None, None]
-    dist.all_gather_object(pids, os.getpid(), group=group)
+    # One gather: rank 0's file, and every rank's host and process id.
+    seen = [None, None]
+    dist.all_gather_object(seen, (_create_mapping_file() if rank == 0 else None, _host_id(), os.getpid()), group=group)
+    (path, host, _), (_, other_host, _) = seen
     mapping = None
     # /proc: how a waiting rank sees that the other one has exited (`_running`)
-    if path is not None and host == _host_id() and platform.machine() in ("x86_64", "AMD64") and _running(os.getpid()):
+    if path is not None and host == other_host and platform.machine() in ("x86_64", "AMD64") and _running(os.getpid()):
         try:
             mapping = _map(path)
         except (OSError, ValueError):
-            mapping = None
+            pass
     usable = torch.tensor([0 if mapping is None else 1])
     dist.all_reduce(usable, op=dist.ReduceOp.MIN, group=group)  # both map it (then the name can go), or neither uses it
     if rank == 0 and path is not None:
         os.unlink(path)
-    return SharedPair(mapping, rank, pids[1 - rank]) if int(usable) else None
+    return SharedPair(mapping, rank, seen[1 - rank][2]) if int(usable) else None
 
 
 def _running(pid: int) -> bool:
@@ -141,7 +138,7 @@ def _create_mapping_file() -> str | None:
         stats = os.statvfs(SHM_DIR)
         if stats.f_bavail * stats.f_frsize < 2 * _mapping_bytes():
             return None
-        fd, path = tempfile.mkstemp(prefix=f"fsdp_qlora-pair-{uuid.uuid4().hex[:8]}-", dir=SHM_DIR)
+        fd, path = tempfile.mkstemp(prefix="fsdp_qlora-pair-", dir=SHM_DIR)
         with os.fdopen(fd, "wb") as file:
             file.truncate(_mapping_bytes())
         return path

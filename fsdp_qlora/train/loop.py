@@ -97,12 +97,12 @@ def _prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
 
 
 class _RankSums:
-    """Host numbers summed over the ranks by one all-reduce, started by the subclass and waited for
-    only when a sum is first read."""
+    """Host numbers summed over the ranks by one `all_reduce` (``dist``'s or `pair`'s), started now and
+    waited for only when a sum is first read."""
 
-    def __init__(self, values: list[float], work_of):
+    def __init__(self, values: list[float], all_reduce):
         self._sums = torch.tensor(values, dtype=torch.float64)
-        self._work = work_of(self._sums)
+        self._work = all_reduce(self._sums, async_op=True)
         self._values: list[float] | None = None
 
     def _read(self, index: int) -> float:
@@ -121,7 +121,7 @@ class _GlobalCounts(_RankSums):
     def __init__(self, micro: list[dict[str, torch.Tensor]]):
         super().__init__([sum(float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
                           sum(float(b["attention_mask"].sum()) for b in micro)],
-                         lambda sums: dist.all_reduce(sums, async_op=True))
+                         dist.all_reduce)
 
     @property
     def label_tokens(self) -> float:
@@ -164,7 +164,7 @@ class _StepSums(_RankSums):
 
     def __init__(self, loss_sum: torch.Tensor, preemption: PreemptionFlag):
         super().__init__([float(loss_sum), float(preemption.received is not None)],
-                         lambda sums: pair.all_reduce(sums, async_op=True))
+                         pair.all_reduce)
 
     def mean_loss(self, global_label_tokens: float) -> float:
         """The global batch's mean token loss."""
